@@ -1,0 +1,109 @@
+"""Build the realistic test root filesystems the benchmarks and slow tests use, once, cached.
+
+debootstrap minbase bookworm with python3 and pip from the host's apt mirror ("base"), then the
+same plus the torch 2.13 CPU wheel from the host's local wheel directory ("torch"), and that plus
+one extra small pip package ("torch-plus"). Builds go to a temp dir and are renamed into place,
+so an interrupted build never leaves a half rootfs that looks finished.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+CACHE = Path(os.environ.get("COLDSTART_BENCH_CACHE", "/var/cache/coldstart-bench"))
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+TORCH_SPEC = "torch==2.13.0"
+EXTRA_PACKAGE = "six==1.16.0"
+
+
+def apt_mirror() -> str:
+    """The Debian mirror the host's apt sources use for bookworm."""
+    texts = [Path(p).read_text() for p in glob.glob("/etc/apt/sources.list.d/*.sources") + ["/etc/apt/sources.list"]
+             if Path(p).exists()]
+    for text in texts:
+        for block in text.split("\n\n"):
+            if re.search(r"^Suites:.*\bbookworm\b", block, re.M):
+                m = re.search(r"^URIs:\s*(\S+)", block, re.M)
+                if m and "security" not in m.group(1):
+                    return m.group(1)
+        m = re.search(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+bookworm\s", text, re.M)
+        if m:
+            return m.group(1)
+    return "http://deb.debian.org/debian"
+
+
+def _run(cmd: list[str], **kw: object) -> None:
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True, **kw)  # type: ignore[call-overload]
+
+
+def _chroot_pip(root: Path, *args: str) -> None:
+    shutil.copyfile(CA_BUNDLE, root / "etc/ssl/certs/ca-certificates.crt")
+    wheels = root / "tmp/wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    for whl in glob.glob("/opt/wheels/*.whl"):
+        shutil.copy(whl, wheels)
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/root", "PIP_ROOT_USER_ACTION": "ignore",
+           "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_CACHE_DIR": "1"}
+    _run(["chroot", str(root), "python3", "-m", "pip", "install", "--break-system-packages",
+          "--find-links", "/tmp/wheels", *args], env=env)
+    shutil.rmtree(wheels)
+
+
+def _finish(tmp: Path, dest: Path) -> Path:
+    tmp.rename(dest)
+    return dest
+
+
+def build_base() -> Path:
+    dest = CACHE / "base"
+    if dest.exists():
+        return dest
+    tmp = CACHE / "base.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _run(["debootstrap", "--variant=minbase", "--include=python3,python3-pip,ca-certificates",
+          "bookworm", str(tmp), apt_mirror()], stdout=subprocess.DEVNULL)
+    for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
+        for p in (tmp / junk).glob("*.deb"):
+            p.unlink()
+    return _finish(tmp, dest)
+
+
+def _derive(name: str, parent: Path, *pip_args: str) -> Path:
+    dest = CACHE / name
+    if dest.exists():
+        return dest
+    tmp = CACHE / f"{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    _run(["cp", "-a", str(parent), str(tmp)])
+    _chroot_pip(tmp, *pip_args)
+    return _finish(tmp, dest)
+
+
+def build_torch() -> Path:
+    return _derive("torch", build_base(), TORCH_SPEC)
+
+
+def build_torch_plus() -> Path:
+    return _derive("torch-plus", build_torch(), EXTRA_PACKAGE)
+
+
+BUILDERS = {"base": build_base, "torch": build_torch, "torch-plus": build_torch_plus}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("which", choices=sorted(BUILDERS), nargs="+")
+    for name in ap.parse_args().which:
+        print(BUILDERS[name]())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Garbage collection, leases that keep gc and imports apart, and the store consistency check.
+
+Imports hold a shared lease (leases/import-*) while they write; gc holds an exclusive one
+(leases/gc-*). gc defers while any live import lease exists, and an import waits while a live gc
+lease exists, so gc never deletes a chunk that a running import has just found "already stored".
+Belt and braces: nothing younger than the grace period is ever deleted.
+A lease is stale when its heartbeat is older than LEASE_TIMEOUT, or it was taken on this host by
+a process that no longer exists (a kill -9'd import).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from imagefs import chunks as blobs
+from imagefs.errors import BlobNotFound, CorruptBlob, ImageFSError, StoreError
+from imagefs.images import list_tags, load_index
+from imagefs.store.base import BlobInfo, BlobStore
+
+LEASE_TIMEOUT = 120.0
+HEARTBEAT = 30.0
+ROOT_PREFIXES = ("tags/", "buildcache/")  # JSON docs whose "image" / "profile" fields are gc roots
+
+
+class GcDeferred(ImageFSError):
+    """gc found a running import (or an import found a running gc) and stood back."""
+
+    exit_code = 5
+
+
+# -- leases -------------------------------------------------------------------------------------
+def _lease_doc(kind: str) -> dict[str, Any]:
+    now = time.time()
+    return {"kind": kind, "host": socket.gethostname(), "pid": os.getpid(), "started": now, "heartbeat": now}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lease_live(doc: dict[str, Any], now: float) -> bool:
+    if now - float(doc.get("heartbeat", 0)) > LEASE_TIMEOUT:
+        return False
+    if doc.get("host") == socket.gethostname():
+        return _pid_alive(int(doc.get("pid", 0)))
+    return True
+
+
+def live_leases(store: BlobStore, kind: str) -> list[dict[str, Any]]:
+    out, now = [], time.time()
+    for info in store.list(f"leases/{kind}-"):
+        try:
+            doc = json.loads(store.get(info.key))
+        except (BlobNotFound, ValueError):
+            continue
+        if _lease_live(doc, now):
+            out.append(doc)
+    return out
+
+
+@contextmanager
+def lease(store: BlobStore, kind: str) -> Iterator[str]:
+    """Hold a lease of kind 'import' or 'gc', refreshed by a heartbeat thread, removed at exit."""
+    key = f"leases/{kind}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    doc = _lease_doc(kind)
+    store.put(key, json.dumps(doc).encode())
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT):
+            doc["heartbeat"] = time.time()
+            try:
+                store.put(key, json.dumps(doc).encode())
+            except StoreError:
+                pass
+
+    t = threading.Thread(target=beat, name=f"lease-heartbeat-{kind}", daemon=True)
+    t.start()
+    try:
+        yield key
+    finally:
+        stop.set()
+        t.join()
+        store.delete(key)
+
+
+@contextmanager
+def import_lease(store: BlobStore, wait: float = 600.0) -> Iterator[str]:
+    """An import's shared lease; waits (up to `wait` s) while a gc runs."""
+    deadline = time.monotonic() + wait
+    while True:
+        with lease(store, "import") as key:
+            if not live_leases(store, "gc"):
+                yield key
+                return
+        if time.monotonic() > deadline:
+            raise GcDeferred("a garbage collection is running on this store; try again later")
+        time.sleep(1.0)
+
+
+# -- reachability -------------------------------------------------------------------------------
+def _root_docs(store: BlobStore) -> Iterator[dict[str, Any]]:
+    for prefix in ROOT_PREFIXES:
+        for info in store.list(prefix):
+            try:
+                doc = json.loads(store.get(info.key))
+            except (BlobNotFound, ValueError):
+                continue
+            if isinstance(doc, dict):
+                yield doc
+
+
+def _chunks_of(store: BlobStore, image_id: str) -> set[str]:
+    return set(load_index(store, image_id).chunks)
+
+
+@dataclass
+class GcReport:
+    roots: int = 0
+    kept_indexes: int = 0
+    deleted_indexes: list[str] = field(default_factory=list)
+    deleted_chunks: int = 0
+    deleted_bytes: int = 0
+    deleted_profiles: int = 0
+    kept_young: int = 0
+    dry_run: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def gc(store: BlobStore, *, grace: float = 900.0, dry_run: bool = False) -> GcReport:
+    """Delete indexes, profiles and chunks that no tag or build-cache entry reaches."""
+    with lease(store, "gc"):
+        if live_leases(store, "import"):
+            raise GcDeferred("an import is running on this store; gc deferred (nothing deleted)")
+        return _collect(store, grace, dry_run)
+
+
+def _collect(store: BlobStore, grace: float, dry_run: bool) -> GcReport:
+    rep, cutoff = GcReport(dry_run=dry_run), time.time() - grace
+    roots, profiles = set(), set()
+    for doc in _root_docs(store):
+        rep.roots += 1
+        if blobs.is_digest(str(doc.get("image", ""))):
+            roots.add(doc["image"])
+        if doc.get("profile"):
+            profiles.add(str(doc["profile"]))
+    live_chunks: set[str] = set()
+    for info in list(store.list("index/")):
+        image_id = info.key[len("index/"):]
+        if image_id in roots or info.mtime > cutoff:
+            rep.kept_indexes += 1
+            rep.kept_young += image_id not in roots
+            live_chunks |= _safe_chunks(store, image_id)
+        else:
+            rep.deleted_indexes.append(image_id)
+            if not dry_run:
+                store.delete(info.key)
+    for info in list(store.list("profiles/")):
+        if info.key[len("profiles/"):] not in profiles and info.mtime <= cutoff:
+            rep.deleted_profiles += 1
+            if not dry_run:
+                store.delete(info.key)
+    _sweep_chunks(store, live_chunks, cutoff, rep, dry_run)
+    return rep
+
+
+def _safe_chunks(store: BlobStore, image_id: str) -> set[str]:
+    try:
+        return _chunks_of(store, image_id)
+    except (CorruptBlob, ImageFSError) as e:
+        # An unreadable index keeps nothing alive but is not deleted either: fsck reports it.
+        raise StoreError(f"gc stopped: cannot read index {image_id}: {e}") from e
+
+
+def _sweep_chunks(store: BlobStore, live: set[str], cutoff: float, rep: GcReport, dry_run: bool) -> None:
+    for info in list(store.list("chunks/")):
+        digest = info.key[len("chunks/"):]
+        if digest in live or info.mtime > cutoff:
+            continue
+        rep.deleted_chunks += 1
+        rep.deleted_bytes += info.size
+        if not dry_run:
+            store.delete(info.key)
+
+
+# -- fsck ---------------------------------------------------------------------------------------
+@dataclass
+class FsckReport:
+    errors: list[str] = field(default_factory=list)
+    tags: int = 0
+    indexes: int = 0
+    chunks: int = 0
+    orphan_indexes: int = 0
+    orphan_chunks: int = 0
+    verified_chunks: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def fsck(store: BlobStore, *, verify_chunks: bool = False) -> FsckReport:
+    """Every tag names a readable index; every chunk an index names exists (and verifies)."""
+    rep = FsckReport()
+    stored: dict[str, BlobInfo] = {i.key[len("chunks/"):]: i for i in store.list("chunks/")}
+    indexes = {i.key[len("index/"):] for i in store.list("index/")}
+    rep.chunks, rep.indexes = len(stored), len(indexes)
+    tagged = set()
+    for ref, doc in list_tags(store):
+        rep.tags += 1
+        tagged.add(doc["image"])
+        if doc["image"] not in indexes:
+            rep.errors.append(f"tag {ref} names missing image {doc['image']}")
+    referenced: set[str] = set()
+    for image_id in sorted(indexes):
+        try:
+            needed = _chunks_of(store, image_id)
+        except ImageFSError as e:
+            rep.errors.append(f"index {image_id}: {e}")
+            continue
+        referenced |= needed
+        rep.errors += [f"image {image_id} needs missing chunk {d}" for d in sorted(needed - stored.keys())]
+    rep.orphan_indexes = len(indexes - tagged)
+    rep.orphan_chunks = len(stored.keys() - referenced)
+    if verify_chunks:
+        _verify_all(store, referenced & stored.keys(), rep)
+    return rep
+
+
+def _verify_all(store: BlobStore, digests: set[str], rep: FsckReport) -> None:
+    for d in sorted(digests):
+        try:
+            blobs.decode(store.get(blobs.chunk_key(d)), d)
+            rep.verified_chunks += 1
+        except (CorruptBlob, BlobNotFound) as e:
+            rep.errors.append(str(e))

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Install what coldstart needs on a Debian 12 machine (as root), idempotently:
+# the apt packages, then a venv at .venv with the project and its test tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
+  runc skopeo umoci containerd docker-registry debootstrap busybox-static
+  iproute2 kmod strace zstd ca-certificates procps psmisc util-linux
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "setup: need root to install: ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# containerd and docker-registry are started by tests/benchmarks themselves, on private sockets
+# and loopback ports; the distribution's own services are not needed.
+for svc in containerd docker-registry; do
+  systemctl disable --now "$svc" >/dev/null 2>&1 || true
+done
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
+  .venv/bin/pip install -q -e '.[test]'
+  touch "$stamp"
+fi
+modprobe fuse 2>/dev/null || true
+modprobe overlay 2>/dev/null || true
+echo "setup: ok ($(.venv/bin/python --version), $(runc --version | head -1))"

@@ -1,0 +1,70 @@
+"""The `coldstart` command line. Each command group lives in its own module with a register()."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from imagefs.errors import ImageFSError
+
+# Modules that add sub-commands; each has register(subparsers) and sets args.func.
+COMMAND_MODULES = [
+    "tools.cmd_images",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coldstart", description="Fast-cold-start containers and lazy images.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def _exit_code(exc: BaseException) -> int:
+    """The one place where errors become exit codes."""
+    if isinstance(exc, ImageFSError):
+        return exc.exit_code
+    for mod in ("runner.errors", "snapshotter.errors"):
+        try:
+            base = importlib.import_module(mod).__dict__.get("Error")
+        except ImportError:
+            continue
+        if base is not None and isinstance(exc, base):
+            return int(getattr(exc, "exit_code", 1))
+    return 1
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    known: list[type[BaseException]] = [ImageFSError]
+    for mod in ("runner.errors", "snapshotter.errors"):
+        try:
+            base = importlib.import_module(mod).__dict__.get("Error")
+        except ImportError:
+            continue
+        if isinstance(base, type):
+            known.append(base)
+    return tuple(known)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="coldstart: %(levelname)s %(name)s: %(message)s")
+    try:
+        rc = args.func(args)
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        print("coldstart: interrupted", file=sys.stderr)
+        return 130
+    except _known_errors() as e:
+        print(f"coldstart: error: {e}", file=sys.stderr)
+        return _exit_code(e)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
