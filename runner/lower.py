@@ -1,0 +1,101 @@
+"""The seam between the runner and whatever supplies an image's read-only root (a directory, a FUSE mount)."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from runner.config import ImageConfigLike
+from runner.procs import ProcessRef
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    """An image reference resolved to an image ID and its config; nothing is mounted yet."""
+
+    ref: str
+    image_id: str
+    config: ImageConfigLike
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who uses a lower: a container ID and the processes whose life keeps the reference valid."""
+
+    name: str
+    pids: tuple[ProcessRef, ...]
+
+
+@dataclass(frozen=True)
+class Lower:
+    """A mounted, read-only image root ready to be an overlay's lowerdir."""
+
+    path: Path
+    config: ImageConfigLike
+    cold: bool
+    image_id: str
+
+
+class LowerProvider(Protocol):
+    """Resolves image references and hands out their read-only roots, counted per holder.
+
+    release() must be idempotent and must work from another process than acquire() (the runner's guard
+    or a later run's stale cleanup calls it after the runner died).
+    """
+
+    def resolve(self, image_ref: str) -> ResolvedImage: ...
+
+    def acquire(self, image: ResolvedImage, holder: Holder) -> Lower: ...
+
+    def release(self, image_id: str, holder_name: str) -> None: ...
+
+
+def directory_image_id(path: Path) -> str:
+    """A stable ID for a plain directory used as an image."""
+    return "dir-" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+
+
+class DirectoryProvider:
+    """Every reference names one plain directory; nothing is mounted or counted."""
+
+    def __init__(self, root: Path, config: ImageConfigLike) -> None:
+        self._root = root
+        self._config = config
+
+    def resolve(self, image_ref: str) -> ResolvedImage:
+        return ResolvedImage(image_ref, directory_image_id(self._root), self._config)
+
+    def acquire(self, image: ResolvedImage, holder: Holder) -> Lower:
+        return Lower(self._root, image.config, False, image.image_id)
+
+    def release(self, image_id: str, holder_name: str) -> None:
+        return None
+
+
+class SharedMountsLike(Protocol):
+    def acquire(self, key: str, holder: Holder) -> tuple[Path, bool]: ...
+
+    def release(self, key: str, holder_name: str) -> None: ...
+
+
+class SharedMountProvider:
+    """One host-wide mount per image, shared by its containers (see runner.shared_mount.SharedMounts).
+
+    `resolver` maps a reference to a ResolvedImage (the image index); `mounts` starts and stops the
+    per-image mount (the FUSE filesystem) and counts holders.
+    """
+
+    def __init__(self, resolver: Callable[[str], ResolvedImage], mounts: SharedMountsLike) -> None:
+        self._resolve = resolver
+        self._mounts = mounts
+
+    def resolve(self, image_ref: str) -> ResolvedImage:
+        return self._resolve(image_ref)
+
+    def acquire(self, image: ResolvedImage, holder: Holder) -> Lower:
+        path, cold = self._mounts.acquire(image.image_id, holder)
+        return Lower(path, image.config, cold, image.image_id)
+
+    def release(self, image_id: str, holder_name: str) -> None:
+        self._mounts.release(image_id, holder_name)
