@@ -40,6 +40,9 @@ class FileSource:
         fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
         return io.FileIO(fd, "rb", closefd=True)
 
+    def advise(self) -> None:
+        _will_need(self.path, 0, self.size)
+
 
 @dataclass(frozen=True)
 class RangeSource:
@@ -53,6 +56,9 @@ class RangeSource:
         f = io.FileIO(self.path, "rb")
         f.seek(self.offset)
         return f
+
+    def advise(self) -> None:
+        _will_need(self.path, self.offset, self.size)
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,20 @@ class ExtentSource:
 
     def open(self) -> Reader:
         raise RuntimeError("ExtentSource content is never re-read")
+
+
+def _will_need(path: bytes, offset: int, size: int) -> None:
+    """Ask the kernel to start reading a file range now (a cold import reads ahead of the chunker)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, offset, size, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @dataclass(eq=False)

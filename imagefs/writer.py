@@ -54,13 +54,40 @@ class WriteStats:
 ProgressFn = Callable[[int], None]
 
 
+READ_AHEAD = 256 << 20  # bytes of upcoming file content the kernel is asked to read in advance
+
+
 class _Concat:
-    """A reader over the concatenated contents of sources, for FastCDC.cut_stream."""
+    """A reader over the concatenated contents of sources, for FastCDC.cut_stream.
+
+    A helper thread keeps the kernel reading up to READ_AHEAD bytes beyond the cursor, so a
+    cold-cache import keeps the disk queue full instead of reading one small file at a time.
+    """
 
     def __init__(self, sources: list[Source]) -> None:
+        self._all = sources
         self._sources = iter(sources)
         self._cur: Reader | None = None
         self._left = 0
+        self._consumed = 0
+        self._stop = threading.Event()
+        self._tick = threading.Condition()
+        self._ahead = threading.Thread(target=self._read_ahead, name="import-readahead", daemon=True)
+        self._ahead.start()
+
+    def _read_ahead(self) -> None:
+        advised = 0
+        for src in self._all:
+            advise = getattr(src, "advise", None)
+            if advise is None:
+                continue
+            with self._tick:
+                while advised - self._consumed > READ_AHEAD and not self._stop.is_set():
+                    self._tick.wait(0.5)
+            if self._stop.is_set():
+                return
+            advise()
+            advised += src.size
 
     def readinto(self, buf: memoryview) -> int:
         done = 0
@@ -74,9 +101,12 @@ class _Concat:
                 raise UnsafeInput("a source file shrank while it was being read")
             done += n
             self._left -= n
+            self._consumed += n
             if self._left == 0:
                 self._cur.close()
                 self._cur = None
+        with self._tick:
+            self._tick.notify()
         return done
 
     def _next(self) -> bool:
@@ -87,6 +117,10 @@ class _Concat:
         return False
 
     def close(self) -> None:
+        self._stop.set()
+        with self._tick:
+            self._tick.notify()
+        self._ahead.join()
         if self._cur is not None:
             self._cur.close()
 

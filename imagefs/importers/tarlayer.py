@@ -63,7 +63,7 @@ class Layer:
                 self._whiteout(parts)
         for m, parts in entries:
             if parts and parts[-1].startswith(WHITEOUT):
-                self._dir_of(parts, create=False)  # never through a symlink, even for a whiteout
+                self._dir_of(parts, create=True)  # implied parents; never through a symlink
             elif m.islnk():
                 self._hardlink(m, parts)
             else:
@@ -107,8 +107,11 @@ class Layer:
             raise self.fail(UnsafeInput, b"/".join(parts), "invalid whiteout name")
         parent.children.pop(hidden, None)
 
-    def _dir_of(self, parts: tuple[bytes, ...], *, create: bool) -> Node | None:
-        """The directory to hold parts[-1], never going through a symlink or a non-directory."""
+    def _dir_of(self, parts: tuple[bytes, ...], *, create: bool, entry: bytes | None = None,
+                role: str = "path") -> Node | None:
+        """The directory to hold parts[-1], never going through a symlink or a non-directory.
+
+        Messages name entry (default: the path itself) and call the walked path `role`."""
         node = self.tree.root
         for i, name in enumerate(parts[:-1]):
             assert node.children is not None
@@ -117,12 +120,10 @@ class Layer:
                 if not create:
                     return None
                 child = node.children[name] = Node(mode=stat.S_IFDIR | 0o755, children={})
-            elif stat.S_ISLNK(child.mode):
-                raise self.fail(UnsafeInput, b"/".join(parts),
-                                f"path goes through the symlink {show(b'/'.join(parts[:i + 1]))}")
-            elif not child.is_dir:
-                raise self.fail(UnsafeInput, b"/".join(parts),
-                                f"{show(b'/'.join(parts[:i + 1]))} is not a directory")
+            elif stat.S_ISLNK(child.mode) or not child.is_dir:
+                what = "goes through the symlink" if stat.S_ISLNK(child.mode) else "is below the non-directory"
+                raise self.fail(UnsafeInput, b"/".join(parts) if entry is None else entry,
+                                f"{role} {what} {show(b'/'.join(parts[:i + 1]))}")
             node = child
         return node
 
@@ -135,18 +136,20 @@ class Layer:
 
     def _hardlink(self, m: tarfile.TarInfo, parts: tuple[bytes, ...]) -> None:
         """The same Node under a second name; the target must already be in the tree."""
-        target = raw(m.linkname)
+        target, entry = raw(m.linkname), b"/".join(parts)
+        role = f"hardlink target {show(target)}"
         try:
             tparts = normalise(target)
         except UnsafeInput:
-            raise self.fail(UnsafeInput, b"/".join(parts),
-                            f"hardlink target {show(target)} escapes the root") from None
-        found = self._dir_of(tparts, create=False) if tparts else None
+            raise self.fail(UnsafeInput, entry, f"{role} escapes the root") from None
+        if not tparts:
+            raise self.fail(UnsafeInput, entry, f"{role} is the root directory")
+        found = self._dir_of(tparts, create=False, entry=entry, role=role)
         node = found.children.get(tparts[-1]) if found and found.children is not None else None
         if node is None:
-            raise self.fail(UnsafeInput, b"/".join(parts), f"hardlink target {show(target)} is missing")
+            raise self.fail(UnsafeInput, entry, f"{role} is missing")
         if node.is_dir:
-            raise self.fail(UnsafeInput, b"/".join(parts), f"hardlink target {show(target)} is a directory")
+            raise self.fail(UnsafeInput, entry, f"{role} is a directory")
         self._place(parts, node)
 
     def _node(self, m: tarfile.TarInfo, parts: tuple[bytes, ...]) -> Node:

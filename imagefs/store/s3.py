@@ -1,9 +1,10 @@
 """S3 backend over boto3, for AWS and for local S3 servers (SeaweedFS, MinIO, ...).
 
 Objects live under ``<prefix>/<key>`` in one bucket, addressed path-style. The bucket is
-created lazily: the first put that is answered NoSuchBucket creates it and tries once more.
-Opening a store therefore does no network I/O, and reads from a bucket that does not exist
-yet simply find nothing.
+created lazily, on the first put of each S3Store: a HEAD of the bucket, and CreateBucket if
+that says 404 (a put that is still answered NoSuchBucket creates it once more and repeats).
+Opening a store therefore does no network I/O (so every call that can fail is one that
+RetryingStore retries), and reads from a bucket that does not exist yet find nothing.
 
 botocore's own retries are switched off (one attempt per call); callers get
 TemporaryStoreError for anything worth retrying and wrap the store in RetryingStore.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlparse
 
 import boto3
 from botocore.config import Config
@@ -25,7 +26,6 @@ from botocore.exceptions import (
     HTTPClientError,
     IncompleteReadError,
 )
-
 from urllib3.exceptions import HTTPError as URLLib3Error
 
 from imagefs.errors import BlobNotFound, StoreError, TemporaryStoreError
@@ -57,17 +57,26 @@ def _is_not_found(e: ClientError) -> bool:
     return code in _NOT_FOUND or (status == 404 and not code)
 
 
+def _is_temporary(e: ClientError) -> bool:
+    code, status = _error_code(e)
+    return code in _TEMPORARY_CODES or status in _TEMPORARY_STATUS
+
+
 def _map_error(e: Exception, what: str) -> StoreError:
     """Translate a botocore/transport exception into the store error hierarchy."""
     if isinstance(e, ClientError):
         code, status = _error_code(e)
-        msg = f"s3 {what}: {code or 'error'} (HTTP {status})"
-        if code in _TEMPORARY_CODES or status in _TEMPORARY_STATUS:
-            return TemporaryStoreError(msg)
-        return StoreError(msg)
+        detail = " ".join(str(e.response.get("Error", {}).get("Message", "")).split())[:200]
+        msg = f"s3 {what}: {code or 'error'} (HTTP {status})" + (f": {detail}" if detail else "")
+        return TemporaryStoreError(msg) if _is_temporary(e) else StoreError(msg)
     if isinstance(e, (BotoConnectionError, HTTPClientError, IncompleteReadError, URLLib3Error, OSError)):
         return TemporaryStoreError(f"s3 {what}: {_one_line(e)}")
     return StoreError(f"s3 {what}: {_one_line(e)}")
+
+
+def _is_http_url(url: str) -> bool:
+    parsed = urlparse(url)
+    return parsed.scheme in ("http", "https") and bool(parsed.netloc)
 
 
 def _one_line(e: BaseException) -> str:
@@ -89,12 +98,15 @@ class S3Store(BlobStore):
     ) -> None:
         if not bucket:
             raise StoreError("s3 store URL names no bucket")
+        if endpoint is not None and not _is_http_url(endpoint):
+            raise StoreError(f"s3 endpoint must be an http:// or https:// URL, not {endpoint!r}")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         if self.prefix:
             validate_key(self.prefix)
         self.url = self._make_url(endpoint, region)
         self._bucket_lock = threading.Lock()
+        self._bucket_ready = False
         config = Config(
             max_pool_connections=max_pool,
             retries={"total_max_attempts": 1, "mode": "standard"},
@@ -178,25 +190,40 @@ class S3Store(BlobStore):
     def put(self, key: str, data: bytes) -> None:
         full = self._full(key)
         with self._mapped(f"put {key}"):
+            if not self._bucket_ready:
+                self._ensure_bucket()
             try:
                 self._client.put_object(Bucket=self.bucket, Key=full, Body=bytes(data))
             except ClientError as e:
                 if _error_code(e)[0] != "NoSuchBucket":
                     raise
-                self._create_bucket()
+                self._create_bucket()  # deleted behind our back: make it again, once
                 self._client.put_object(Bucket=self.bucket, Key=full, Body=bytes(data))
 
-    def _create_bucket(self) -> None:
+    def _ensure_bucket(self) -> None:
+        """Create the bucket if HEAD says it is missing; any other answer leaves it to put."""
         with self._bucket_lock:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket}
-            region = self._client.meta.region_name
-            if region and region != "us-east-1":
-                kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+            if self._bucket_ready:
+                return
             try:
-                self._client.create_bucket(**kwargs)
+                self._client.head_bucket(Bucket=self.bucket)
             except ClientError as e:
-                if _error_code(e)[0] not in _BUCKET_EXISTS:
+                if _is_not_found(e):
+                    self._create_bucket()
+                elif _is_temporary(e):
                     raise
+            self._bucket_ready = True
+
+    def _create_bucket(self) -> None:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket}
+        region = self._client.meta.region_name
+        if region and region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        try:
+            self._client.create_bucket(**kwargs)
+        except ClientError as e:
+            if _error_code(e)[0] not in _BUCKET_EXISTS:
+                raise
 
     def exists(self, key: str) -> bool:
         full = self._full(key)
@@ -221,16 +248,14 @@ class S3Store(BlobStore):
     def list(self, prefix: str = "") -> Iterator[BlobInfo]:
         validate_prefix(prefix)
         root = f"{self.prefix}/" if self.prefix else ""
-        pages = self._client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=root + prefix
-        )
         with self._mapped(f"list {prefix or '(all)'}"):
+            paginator = self._client.get_paginator("list_objects_v2")
             try:
-                for page in pages:
+                for page in paginator.paginate(Bucket=self.bucket, Prefix=root + prefix):
                     for obj in page.get("Contents", []):
-                        yield BlobInfo(obj["Key"][len(root):], int(obj["Size"]), obj["LastModified"].timestamp())
+                        yield BlobInfo(obj["Key"][len(root) :], int(obj["Size"]), obj["LastModified"].timestamp())
             except ClientError as e:
-                if _error_code(e)[0] != "NoSuchBucket":
+                if _error_code(e)[0] != "NoSuchBucket":  # no bucket yet: nothing to list
                     raise
 
     def close(self) -> None:

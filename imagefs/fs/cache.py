@@ -1,0 +1,273 @@
+"""The host chunk cache, shared by every mount and image on the machine, and a small memory tier.
+
+On disk: ``<root>/chunks/<first two hex>/<digest>`` holds the verified, decompressed content of a
+chunk. Files appear by rename of a complete temp file, and every read checks the blake3 again, so
+a torn or rotten file is dropped and refetched, never served (which is why no fsync is needed).
+Recency is the file's mtime, refreshed on a hit at most once a minute. The total is bounded:
+when a process sees it exceed the budget it takes ``<root>/lock`` (flock) and deletes the least
+recently used files down to 90 % of it. Several daemons may share one directory.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import blake3
+
+from imagefs.chunks import Digest
+from imagefs.errors import ImageFSError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZE = 10 << 30
+DEFAULT_MEMORY_SIZE = 256 << 20
+LOW_WATER = 0.9
+TOUCH_INTERVAL = 60.0
+STALE_TEMP_AGE = 3600.0
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '123', '512M', '10G', '1.5GiB' (binary units)."""
+    m = _SIZE.fullmatch(text)
+    if not m:
+        raise ImageFSError(f"not a size: {text!r} (use e.g. 512M, 10G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def default_cache_dir() -> Path:
+    """$COLDSTART_CACHE, else /var/cache/coldstart for root, else the user's cache home."""
+    env = os.environ.get("COLDSTART_CACHE")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/cache/coldstart")
+    home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(home) / "coldstart"
+
+
+@dataclass
+class DiskCounters:
+    hits: int = 0
+    misses: int = 0
+    corrupt_dropped: int = 0
+    writes: int = 0
+    write_bytes: int = 0
+    write_errors: int = 0
+    evictions: int = 0
+    evicted_files: int = 0
+    evicted_bytes: int = 0
+
+
+class HostCache:
+    """Content-addressed chunk files under root, bounded to max_bytes, LRU by mtime."""
+
+    def __init__(self, root: str | os.PathLike[str], max_bytes: int = DEFAULT_SIZE) -> None:
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.counters = DiskCounters()
+        self._chunks = self.root / "chunks"
+        self._tmp = self.root / "tmp"
+        self._lock_path = self.root / "lock"
+        self._mutex = threading.Lock()
+        try:
+            self._tmp.mkdir(parents=True, exist_ok=True)
+            self._chunks.mkdir(exist_ok=True)
+        except OSError as e:
+            raise ImageFSError(f"cannot create cache directory {self.root}: {e.strerror}") from e
+        self._remove_stale_temps()
+        self._used = sum(size for _path, size, _mtime in self._scan())
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def path(self, digest: str) -> Path:
+        return self._chunks / digest[:2] / digest
+
+    def get(self, digest: Digest, size: int) -> bytes | None:
+        """The verified content, or None (missing, or found corrupt and dropped)."""
+        path = self.path(digest)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._count(misses=1)
+            return None
+        try:
+            data = os.pread(fd, size + 1, 0)
+            mtime = os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
+        if len(data) != size or blake3.blake3(data).hexdigest() != digest:
+            self._drop_corrupt(path, digest, len(data), size)
+            return None
+        self._count(hits=1)
+        if time.time() - mtime > TOUCH_INTERVAL:
+            self._touch(path)
+        return data
+
+    def put(self, digest: Digest, data: bytes) -> None:
+        """Add verified content; errors (disk full, ...) are logged and counted, never raised."""
+        path = self.path(digest)
+        if path.exists():
+            return
+        try:
+            self._write(path, data)
+        except OSError as e:
+            self._count(write_errors=1)
+            log.warning("host cache: cannot write chunk %s: %s", digest, e.strerror or e)
+            return
+        with self._mutex:
+            self.counters.writes += 1
+            self.counters.write_bytes += len(data)
+            self._used += len(data)
+            over = self._used > self.max_bytes
+        if over:
+            self.evict()
+
+    def _write(self, path: Path, data: bytes) -> None:
+        tmp = self._tmp / f"{path.name}.{secrets.token_hex(6)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        try:
+            os.replace(tmp, path)
+        except FileNotFoundError:  # first chunk of this shard
+            path.parent.mkdir(exist_ok=True)
+            os.replace(tmp, path)
+
+    def _drop_corrupt(self, path: Path, digest: str, got: int, want: int) -> None:
+        log.warning("host cache: dropping corrupt chunk %s (%d bytes, expected %d)", digest, got, want)
+        self._count(corrupt_dropped=1, misses=1)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        with self._mutex:
+            self._used = max(0, self._used - got)
+
+    def _touch(self, path: Path) -> None:
+        try:
+            os.utime(path)
+        except OSError:
+            pass
+
+    def _count(self, **deltas: int) -> None:
+        with self._mutex:
+            for name, n in deltas.items():
+                setattr(self.counters, name, getattr(self.counters, name) + n)
+
+    # -- eviction ------------------------------------------------------------------------------
+    def evict(self) -> int:
+        """Under the cache lock, delete least recently used files until below the low-water mark."""
+        with open(self._lock_path, "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            files = sorted(self._scan(), key=lambda f: f[2])
+            total = sum(size for _p, size, _m in files)
+            target = int(self.max_bytes * LOW_WATER)
+            freed = removed = 0
+            for path, size, _mtime in files:
+                if total - freed <= target:
+                    break
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue
+                freed += size
+                removed += 1
+        with self._mutex:
+            self._used = total - freed
+            self.counters.evictions += 1
+            self.counters.evicted_files += removed
+            self.counters.evicted_bytes += freed
+        log.info("host cache: evicted %d chunks (%d bytes)", removed, freed)
+        return freed
+
+    def _scan(self) -> Iterator[tuple[str, int, float]]:
+        """(path, size, mtime) of every chunk file."""
+        try:
+            shards = list(os.scandir(self._chunks))
+        except FileNotFoundError:
+            return
+        for shard in shards:
+            try:
+                entries = list(os.scandir(shard.path))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                yield entry.path, st.st_size, st.st_mtime
+
+    def _remove_stale_temps(self) -> None:
+        """Temp files of writers that died long ago; recent ones may belong to a live daemon."""
+        now = time.time()
+        for entry in os.scandir(self._tmp):
+            try:
+                if now - entry.stat().st_mtime > STALE_TEMP_AGE:
+                    os.unlink(entry.path)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    log.warning("host cache: cannot remove stale temp file %s: %s", entry.path, e)
+
+
+@dataclass
+class MemoryCounters:
+    hits: int = 0
+    misses: int = 0
+    evicted_chunks: int = 0
+
+
+class MemoryCache:
+    """A small LRU of hot chunks, bounded in bytes. Used from the event loop only."""
+
+    def __init__(self, max_bytes: int = DEFAULT_MEMORY_SIZE) -> None:
+        self.max_bytes = max_bytes
+        self.used_bytes = 0
+        self.counters = MemoryCounters()
+        self._lru: OrderedDict[str, bytes] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._lru
+
+    def get(self, digest: str) -> bytes | None:
+        data = self._lru.get(digest)
+        if data is None:
+            self.counters.misses += 1
+            return None
+        self._lru.move_to_end(digest)
+        self.counters.hits += 1
+        return data
+
+    def put(self, digest: str, data: bytes) -> None:
+        if len(data) > self.max_bytes or digest in self._lru:
+            return
+        self._lru[digest] = data
+        self.used_bytes += len(data)
+        while self.used_bytes > self.max_bytes:
+            _d, old = self._lru.popitem(last=False)
+            self.used_bytes -= len(old)
+            self.counters.evicted_chunks += 1

@@ -1,0 +1,243 @@
+"""The mount daemon: serves one image at one mountpoint until it is unmounted or signalled.
+
+Run as ``python -m imagefs.fs.daemon --config JSON --ready-fd N [--detach]``; mounts.mount_image()
+does that and waits for the one-line JSON readiness message the daemon writes to the fd once the
+filesystem answers. The daemon keeps a state file and a control socket (stats, trace, prefetch)
+next to each other in the run directory, and removes both when it ends.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import pyfuse3
+import trio
+
+from imagefs.errors import ImageFSError
+from imagefs.fs import control
+from imagefs.fs.cache import DEFAULT_MEMORY_SIZE, DEFAULT_SIZE, HostCache, MemoryCache
+from imagefs.fs.fetcher import ChunkFetcher, FetchLimits
+from imagefs.fs.fuse_ops import FuseOps, mount_options
+from imagefs.fs.model import ImageFS, ReadaheadPolicy
+from imagefs.fs.trace import DEFAULT_LIMIT, AccessTrace
+from imagefs.images import load_index
+from imagefs.store.factory import open_store
+
+log = logging.getLogger(__name__)
+
+Ready = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class DaemonConfig:
+    store_url: str
+    image_id: str
+    mountpoint: str
+    cache_dir: str
+    state_path: str
+    socket_path: str
+    log_path: str = ""
+    ref: str = ""
+    cache_size: int = DEFAULT_SIZE
+    memory_size: int = DEFAULT_MEMORY_SIZE
+    allow_other: bool = True
+    kernel_readahead_kb: int = 1024  # 0 leaves the kernel's default (128 KiB)
+    readahead_max: int = ReadaheadPolicy().max_bytes
+    limits: dict[str, int] = field(default_factory=lambda: asdict(FetchLimits()))
+    trace_limit: int = DEFAULT_LIMIT
+    verbose: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "DaemonConfig":
+        return cls(**json.loads(text))
+
+
+class Daemon:
+    """One mounted image: the model, the fetcher, the FUSE adapter and the control socket."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.started = time.time()
+        self.store = open_store(config.store_url)
+        self.index = load_index(self.store, config.image_id)
+        self.disk = HostCache(config.cache_dir, config.cache_size)
+        self.fetcher = ChunkFetcher(self.store, self.disk, MemoryCache(config.memory_size),
+                                    FetchLimits(**config.limits))
+        self.trace = AccessTrace(config.trace_limit)
+        policy = ReadaheadPolicy(max_bytes=config.readahead_max)
+        self.fs = ImageFS(self.index, self.fetcher, trace=self.trace, readahead=policy)
+        self.ops = FuseOps(self.fs)
+        self.signalled = False
+
+    def cached_chunks(self) -> tuple[int, int]:
+        """(chunks of this image already in the host cache, distinct chunks of the image)."""
+        digests = set(self.index.chunks)
+        return sum(self.disk.path(d).exists() for d in digests), len(digests)
+
+    def run(self, ready: Ready) -> None:
+        cached, total = self.cached_chunks()
+        pyfuse3.init(self.ops, self.config.mountpoint, mount_options(allow_other=self.config.allow_other))
+        try:
+            trio.run(self._main, ready, {"cached_chunks": cached, "total_chunks": total})
+        finally:
+            # After a signal we unmount ourselves; after an external umount the mountpoint may
+            # already hold a new mount that must not be touched.
+            pyfuse3.close(unmount=self.signalled)
+            self._remove_state()
+            self.store.close()
+
+    async def _main(self, ready: Ready, info: dict[str, Any]) -> None:
+        async with self.fetcher.running():
+            async with trio.open_nursery() as nursery:
+                await nursery.start(control.serve, self.config.socket_path, self._handle)
+                nursery.start_soon(self._watch_signals, name="signals")
+                nursery.start_soon(self._fuse_main, nursery.cancel_scope, name="fuse-main")
+                set_kernel_readahead(self.config.mountpoint, self.config.kernel_readahead_kb)
+                self._write_state()
+                ready({"ok": True, "pid": os.getpid(), "image": self.config.image_id, **info})
+                log.info("serving image %s at %s", self.config.image_id, self.config.mountpoint)
+
+    async def _fuse_main(self, scope: trio.CancelScope) -> None:
+        await pyfuse3.main()
+        log.info("unmounted %s", self.config.mountpoint)
+        scope.cancel()
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("signal %d: unmounting %s", signum, self.config.mountpoint)
+                self.signalled = True
+                pyfuse3.terminate()
+
+    async def _handle(self, request: dict[str, Any]) -> Any:
+        op = request.get("op")
+        if op == "ping":
+            return {"pid": os.getpid()}
+        if op == "stats":
+            return self.stats()
+        if op == "trace":
+            return self.trace.dump(self.index)
+        if op == "prefetch":
+            chunks = [(str(d), int(n)) for d, n in request.get("chunks", [])]
+            self.fetcher.prefetch(chunks)  # type: ignore[arg-type]
+            return {"queued": len(chunks)}
+        raise ValueError(f"unknown request {op!r}")
+
+    def stats(self) -> dict[str, Any]:
+        return {"mountpoint": self.config.mountpoint, "image": self.config.image_id,
+                "ref": self.config.ref, "store": self.config.store_url, "pid": os.getpid(),
+                "uptime_s": round(time.time() - self.started, 3), "fetch": self.fetcher.stats(),
+                "fuse": self.ops.metrics.as_dict(),
+                "trace": {"events": len(self.trace), "truncated": self.trace.truncated}}
+
+    def _write_state(self) -> None:
+        c = self.config
+        doc = {"pid": os.getpid(), "mountpoint": c.mountpoint, "image": c.image_id, "ref": c.ref,
+               "store": c.store_url, "cache_dir": c.cache_dir, "cache_size": c.cache_size,
+               "socket": c.socket_path, "log": c.log_path, "started": self.started}
+        tmp = f"{c.state_path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(doc, f)
+        os.replace(tmp, c.state_path)
+
+    def _remove_state(self) -> None:
+        """Remove the state file if it is still ours (a new mount may have replaced it)."""
+        try:
+            with open(self.config.state_path) as f:
+                if json.load(f).get("pid") != os.getpid():
+                    return
+            os.unlink(self.config.state_path)
+        except (OSError, ValueError):
+            pass
+
+
+def set_kernel_readahead(mountpoint: str, kb: int) -> None:
+    """Let the kernel read ahead kb KiB on this mount (its FUSE default is 128 KiB); root only."""
+    if kb <= 0:
+        return
+    dev = mount_device(mountpoint)
+    if dev is None:
+        return
+    try:
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+            f.write(str(kb))
+    except OSError as e:
+        log.info("cannot set kernel readahead of %s: %s", mountpoint, e.strerror)
+
+
+def mount_device(mountpoint: str) -> str | None:
+    """'major:minor' of the mount at mountpoint, from mountinfo (never touching the mount)."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        lines = f.read().splitlines()
+    for line in reversed(lines):  # the last mount on a path is the visible one
+        fields = line.split()
+        if len(fields) > 4 and unescape_mount_path(fields[4]) == mountpoint:
+            return fields[2]
+    return None
+
+
+def unescape_mount_path(text: str) -> str:
+    """Undo the octal escapes (\\040 for space, ...) of /proc mount tables."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+def _ready_writer(fd: int) -> Ready:
+    def ready(doc: dict[str, Any]) -> None:
+        try:
+            os.write(fd, json.dumps(doc).encode() + b"\n")
+            os.close(fd)
+        except OSError:
+            pass
+
+    return ready
+
+
+def serve(config: DaemonConfig, ready: Ready) -> int:
+    """Mount and serve until unmounted; report start-up failures through ready()."""
+    try:
+        daemon = Daemon(config)
+        daemon.run(ready)
+    except ImageFSError as e:
+        log.error("mount of %s at %s failed: %s", config.image_id, config.mountpoint, e)
+        ready({"ok": False, "error": str(e), "exit_code": e.exit_code})
+        return e.exit_code
+    except Exception as e:
+        log.exception("mount daemon for %s failed", config.mountpoint)
+        ready({"ok": False, "error": f"{type(e).__name__}: {e}", "exit_code": 1})
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m imagefs.fs.daemon")
+    parser.add_argument("--config", required=True, help="DaemonConfig as JSON")
+    parser.add_argument("--ready-fd", type=int, default=-1)
+    parser.add_argument("--detach", action="store_true", help="fork; the parent exits at once")
+    args = parser.parse_args(argv)
+    config = DaemonConfig.from_json(args.config)
+    if args.detach and os.fork() != 0:
+        os._exit(0)
+    level = logging.DEBUG if config.verbose > 1 else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    if args.ready_fd >= 0:
+        os.write(args.ready_fd, json.dumps({"pid": os.getpid()}).encode() + b"\n")
+        ready = _ready_writer(args.ready_fd)
+    else:
+        ready = lambda doc: None  # noqa: E731
+    return serve(config, ready)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

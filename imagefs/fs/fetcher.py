@@ -1,0 +1,247 @@
+"""Fetch chunks on demand: memory tier, then host cache, then the store. Verified, single-flight.
+
+Every chunk goes through one "flight" at a time: readers that want a chunk already being loaded
+wait for that load instead of starting another. Store calls run in worker threads bounded by a
+CapacityLimiter; blake3 verification and zstd decompression happen in the same thread, off the
+event loop. Readahead and prefetch are queues served by a few background workers, so they never
+hold more than a few of the store slots that demand reads need. Errors of one load reach all its
+waiters as ChunkUnavailable (EIO) and are forgotten: the next read tries again.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Sequence
+
+import trio
+
+from imagefs import chunks as blobs
+from imagefs.chunks import Digest
+from imagefs.errors import CorruptBlob, ImageFSError, StoreError
+from imagefs.fs.cache import HostCache, MemoryCache
+from imagefs.fs.errors import ChunkUnavailable
+from imagefs.store.base import BlobStore
+
+log = logging.getLogger(__name__)
+
+DEMAND, READAHEAD, PREFETCH = "demand", "readahead", "prefetch"
+KINDS = (DEMAND, READAHEAD, PREFETCH)
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    store: int = 16  # concurrent store requests (all kinds together)
+    readahead_workers: int = 4
+    prefetch_workers: int = 2
+    disk: int = 8  # concurrent host-cache reads
+    writers: int = 2  # concurrent host-cache writes
+
+
+@dataclass
+class KindCounters:
+    chunks: int = 0  # chunks fetched from the store
+    bytes: int = 0  # stored (compressed) bytes fetched
+    raw_bytes: int = 0  # their decompressed size
+
+
+@dataclass
+class FetchCounters:
+    by_kind: dict[str, KindCounters] = field(default_factory=lambda: {k: KindCounters() for k in KINDS})
+    joined: int = 0  # requests that waited for a load already in flight
+    errors: int = 0  # loads that failed (store down, missing, corrupt)
+    corrupt: int = 0  # chunks the store returned corrupt
+    background_skipped: int = 0  # readahead/prefetch entries already present when their turn came
+
+    def as_dict(self) -> dict[str, object]:
+        total = KindCounters()
+        for c in self.by_kind.values():
+            total.chunks += c.chunks
+            total.bytes += c.bytes
+            total.raw_bytes += c.raw_bytes
+        return {"chunks_fetched": total.chunks, "bytes_fetched": total.bytes,
+                "raw_bytes_fetched": total.raw_bytes, "joined": self.joined, "errors": self.errors,
+                "corrupt": self.corrupt, "background_skipped": self.background_skipped,
+                "by_kind": {k: dict(vars(c)) for k, c in self.by_kind.items()}}
+
+
+class _Flight:
+    __slots__ = ("done", "data", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.data: bytes | None = None
+        self.error: ChunkUnavailable | None = None
+
+
+class ChunkFetcher:
+    """The ChunkSource of a mount. Call get() and readahead() only while running() is active."""
+
+    def __init__(self, store: BlobStore, disk: HostCache | None, memory: MemoryCache,
+                 limits: FetchLimits = FetchLimits()) -> None:
+        self.store = store
+        self.disk = disk
+        self.memory = memory
+        self.limits = limits
+        self.counters = FetchCounters()
+        self._inflight: dict[str, _Flight] = {}
+        self._store_slots = trio.CapacityLimiter(limits.store)
+        self._disk_slots = trio.CapacityLimiter(limits.disk)
+        self._write_slots = trio.CapacityLimiter(limits.writers)
+        self._queues: dict[str, deque[tuple[Digest, int]]] = {READAHEAD: deque(), PREFETCH: deque()}
+        self._queued: set[str] = set()
+        self._wakeups: dict[str, trio.Event] = {READAHEAD: trio.Event(), PREFETCH: trio.Event()}
+        self._nursery: trio.Nursery | None = None
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator["ChunkFetcher"]:
+        """Run the background workers; on exit they are cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for kind, count in ((READAHEAD, self.limits.readahead_workers),
+                                (PREFETCH, self.limits.prefetch_workers)):
+                for i in range(count):
+                    nursery.start_soon(self._worker, kind, name=f"fetch-{kind}-{i}")
+            try:
+                yield self
+            finally:
+                nursery.cancel_scope.cancel()
+                self._nursery = None
+
+    # -- demand --------------------------------------------------------------------------------
+    async def get(self, digest: Digest, size: int) -> bytes:
+        """The verified content of a chunk; ChunkUnavailable if it cannot be had."""
+        data = self.memory.get(digest)
+        if data is not None:
+            return data
+        flight = self._inflight.get(digest)
+        if flight is None:
+            flight = self._launch(digest, size, DEMAND)
+        else:
+            self.counters.joined += 1
+        await flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        assert flight.data is not None
+        return flight.data
+
+    def _launch(self, digest: Digest, size: int, kind: str) -> _Flight:
+        if self._nursery is None:
+            raise RuntimeError("ChunkFetcher used outside running()")
+        flight = self._inflight[digest] = _Flight()
+        self._nursery.start_soon(self._load, digest, size, kind, flight, name=f"load-{digest[:12]}")
+        return flight
+
+    async def _load(self, digest: Digest, size: int, kind: str, flight: _Flight) -> None:
+        from_store = False
+        try:
+            data = await self._from_disk(digest, size)
+            if data is None:
+                data = await self._from_store(digest, size, kind)
+                from_store = True
+            self.memory.put(digest, data)
+            flight.data = data
+        except ChunkUnavailable as e:
+            self.counters.errors += 1
+            flight.error = e
+        except Exception as e:  # a bug must fail this read, not the daemon
+            log.exception("unexpected error loading chunk %s (%s read)", digest, kind)
+            self.counters.errors += 1
+            flight.error = ChunkUnavailable(digest, f"unexpected {type(e).__name__}: {e}")
+        finally:
+            del self._inflight[digest]
+            flight.done.set()
+        if from_store and flight.data is not None:
+            await self._write_back(digest, flight.data)
+
+    async def _write_back(self, digest: Digest, data: bytes) -> None:
+        if self.disk is None:
+            return
+        try:
+            await trio.to_thread.run_sync(self.disk.put, digest, data, limiter=self._write_slots)
+        except Exception:
+            log.exception("host cache: cannot store chunk %s", digest)
+
+    async def _from_disk(self, digest: Digest, size: int) -> bytes | None:
+        if self.disk is None:
+            return None
+        try:
+            return await trio.to_thread.run_sync(self.disk.get, digest, size, limiter=self._disk_slots)
+        except OSError as e:  # an unreadable cache is a miss, not an error
+            log.warning("host cache: cannot read chunk %s: %s", digest, e)
+            return None
+
+    async def _from_store(self, digest: Digest, size: int, kind: str) -> bytes:
+        try:
+            stored, data = await trio.to_thread.run_sync(self._fetch_sync, digest,
+                                                         limiter=self._store_slots)
+        except CorruptBlob as e:
+            self.counters.corrupt += 1
+            log.error("chunk %s from the store is corrupt: %s", digest, e.reason)
+            raise ChunkUnavailable(digest, f"corrupt in store: {e.reason}") from None
+        except (StoreError, ImageFSError) as e:
+            log.error("cannot fetch chunk %s: %s", digest, e)
+            raise ChunkUnavailable(digest, str(e)) from None
+        if len(data) != size:
+            self.counters.corrupt += 1
+            log.error("chunk %s has %d bytes, the index says %d", digest, len(data), size)
+            raise ChunkUnavailable(digest, "size differs from the index")
+        c = self.counters.by_kind[kind]
+        c.chunks += 1
+        c.bytes += stored
+        c.raw_bytes += len(data)
+        return data
+
+    def _fetch_sync(self, digest: Digest) -> tuple[int, bytes]:
+        blob = self.store.get(blobs.chunk_key(digest))
+        return len(blob), blobs.decode(blob, digest)
+
+    # -- background: readahead and prefetch ----------------------------------------------------
+    def readahead(self, chunks: Sequence[tuple[Digest, int]]) -> None:
+        """Queue chunks a sequential reader will want next (most urgent first)."""
+        self._enqueue(READAHEAD, chunks)
+
+    def prefetch(self, chunks: Sequence[tuple[Digest, int]]) -> None:
+        """Queue chunks to load in order at low priority (e.g. from a recorded access trace)."""
+        self._enqueue(PREFETCH, chunks)
+
+    def _enqueue(self, kind: str, chunks: Sequence[tuple[Digest, int]]) -> None:
+        queue, added = self._queues[kind], False
+        for digest, size in chunks:
+            if digest in self._queued or digest in self._inflight or digest in self.memory:
+                continue
+            self._queued.add(digest)
+            queue.append((digest, size))
+            added = True
+        if added:
+            self._wakeups[kind].set()
+
+    def pending(self, kind: str) -> int:
+        return len(self._queues[kind])
+
+    async def _worker(self, kind: str) -> None:
+        queue = self._queues[kind]
+        while True:
+            while not queue:
+                if self._wakeups[kind].is_set():
+                    self._wakeups[kind] = trio.Event()
+                await self._wakeups[kind].wait()
+            digest, size = queue.popleft()
+            self._queued.discard(digest)
+            if digest in self.memory:
+                self.counters.background_skipped += 1
+                continue
+            flight = self._inflight.get(digest) or self._launch(digest, size, kind)
+            await flight.done.wait()  # errors were logged by the load; a demand read will retry
+
+    def stats(self) -> dict[str, object]:
+        doc = self.counters.as_dict()
+        doc["memory"] = {**vars(self.memory.counters), "chunks": len(self.memory),
+                         "bytes": self.memory.used_bytes, "max_bytes": self.memory.max_bytes}
+        if self.disk is not None:
+            doc["disk"] = {**vars(self.disk.counters), "bytes": self.disk.used_bytes,
+                           "max_bytes": self.disk.max_bytes, "path": str(self.disk.root)}
+        doc["queued"] = {k: len(q) for k, q in self._queues.items()}
+        doc["inflight"] = len(self._inflight)
+        return doc

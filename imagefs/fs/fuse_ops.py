@@ -1,0 +1,220 @@
+"""The pyfuse3 adapter: translates kernel requests to the ImageFS model and its errors to errno.
+
+The image is immutable, so the kernel may cache everything for long: entries, attributes, negative
+lookups (an entry with inode 0) and file pages (keep_cache). errno_for() is the only place where
+errors become errno; anything it does not know is a bug, logged with the request and turned into EIO.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import time
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+import pyfuse3
+
+from imagefs.fs.errors import (AccessDenied, BadHandle, ChunkUnavailable, IsADirectory, NoAttribute,
+                               NoEntry, NotADirectory, NotASymlink, ReadOnly)
+from imagefs.fs.metrics import OpMetrics
+from imagefs.fs.model import Attr, ImageFS
+
+log = logging.getLogger(__name__)
+
+CACHE_TIMEOUT = 24 * 3600.0  # seconds the kernel may keep entries and attributes
+
+_ERRNO: tuple[tuple[type[Exception], int], ...] = (
+    (NoEntry, errno.ENOENT),
+    (NotADirectory, errno.ENOTDIR),
+    (IsADirectory, errno.EISDIR),
+    (NotASymlink, errno.EINVAL),
+    (NoAttribute, pyfuse3.ENOATTR),
+    (ReadOnly, errno.EROFS),
+    (BadHandle, errno.EBADF),
+    (AccessDenied, errno.EACCES),
+    (ChunkUnavailable, errno.EIO),
+)
+
+T = TypeVar("T")
+
+
+def errno_for(exc: BaseException) -> int | None:
+    """The errno of a domain error; None for an exception nobody expected."""
+    for cls, code in _ERRNO:
+        if isinstance(exc, cls):
+            return code
+    return None
+
+
+def mount_options(*, allow_other: bool = True) -> set[str]:
+    """Read-only, kernel permission checks; setuid bits honoured when root mounts (as in a rootfs)."""
+    opts = {"fsname=coldstart", "subtype=coldstart", "ro", "default_permissions"}
+    if allow_other:
+        opts.add("allow_other")
+    if os.geteuid() == 0:
+        opts.add("suid")
+    return opts
+
+
+def _op(name: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
+    """Time the operation, count it, and translate its errors."""
+
+    def wrap(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+        @functools.wraps(fn)
+        async def run(self: "FuseOps", *args: Any) -> T:
+            start = time.perf_counter_ns()
+            failed = True
+            try:
+                result = await fn(self, *args)
+                failed = False
+                return result
+            except pyfuse3.FUSEError:
+                raise
+            except Exception as e:
+                code = errno_for(e)
+                if code is None:
+                    log.exception("unexpected error in %s%r", name, _printable(args))
+                    code = errno.EIO
+                elif code == errno.EIO:
+                    log.warning("%s%r failed: %s", name, _printable(args), e)
+                raise pyfuse3.FUSEError(code) from None
+            finally:
+                self.metrics.record(name, time.perf_counter_ns() - start, failed)
+
+        return run
+
+    return wrap
+
+
+def _printable(args: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(a for a in args if not isinstance(a, (pyfuse3.RequestContext, pyfuse3.ReaddirToken)))
+
+
+class FuseOps(pyfuse3.Operations):
+    """Kernel requests in, model calls, replies (or errno) out."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs: ImageFS, metrics: OpMetrics | None = None,
+                 timeout: float = CACHE_TIMEOUT) -> None:
+        super().__init__()
+        self.fs = fs
+        self.metrics = metrics or OpMetrics()
+        self.timeout = timeout
+        self._entries: dict[int, pyfuse3.EntryAttributes] = {}
+
+    def _entry(self, ino: int) -> pyfuse3.EntryAttributes:
+        entry = self._entries.get(ino)
+        if entry is None:
+            entry = self._entries[ino] = self._make_entry(self.fs.getattr(ino))
+        return entry
+
+    def _make_entry(self, a: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = pyfuse3.InodeT(a.ino)
+        e.generation = 0
+        e.entry_timeout = e.attr_timeout = self.timeout
+        e.st_mode = pyfuse3.ModeT(a.mode)
+        e.st_nlink = a.nlink
+        e.st_uid, e.st_gid, e.st_rdev = a.uid, a.gid, a.rdev
+        e.st_size, e.st_blocks = a.size, a.blocks
+        e.st_blksize = 128 * 1024
+        e.st_atime_ns = e.st_ctime_ns = e.st_mtime_ns = a.mtime_ns
+        return e
+
+    def _negative(self) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = pyfuse3.InodeT(0)
+        e.entry_timeout = self.timeout
+        return e
+
+    # -- metadata ------------------------------------------------------------------------------
+    @_op("lookup")
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        try:
+            ino = self.fs.lookup(parent_inode, name)
+        except NoEntry:
+            return self._negative()  # cached by the kernel like any entry
+        return self._entry(ino)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        """Inodes are fixed for the life of the mount; nothing to forget."""
+
+    @_op("getattr")
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self._entry(inode)
+
+    @_op("readlink")
+    async def readlink(self, inode: int, ctx: Any = None) -> bytes:
+        return self.fs.readlink(inode)
+
+    @_op("opendir")
+    async def opendir(self, inode: int, ctx: Any = None) -> int:
+        return pyfuse3.FileHandleT(self.fs.opendir(inode))
+
+    @_op("readdir")
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        for name, ino, next_id in self.fs.readdir(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, self._entry(ino), next_id):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        """Directory handles are inode numbers; nothing to release."""
+
+    @_op("getxattr")
+    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        return self.fs.getxattr(inode, name)
+
+    @_op("listxattr")
+    async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        return self.fs.listxattr(inode)
+
+    @_op("statfs")
+    async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
+        s = self.fs.statfs()
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = out.f_frsize = s.block_size
+        out.f_blocks, out.f_files, out.f_namemax = s.blocks, s.files, s.name_max
+        out.f_bfree = out.f_bavail = out.f_ffree = out.f_favail = 0
+        return out
+
+    @_op("access")
+    async def access(self, inode: int, mode: int, ctx: Any = None) -> bool:
+        uid, gids = (ctx.uid, pyfuse3.get_sup_groups(ctx.pid) | {ctx.gid}) if ctx else (0, set())
+        try:
+            self.fs.access(inode, mode, uid, gids)
+        except AccessDenied:
+            return False
+        return True
+
+    # -- contents ------------------------------------------------------------------------------
+    @_op("open")
+    async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
+        fh = self.fs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True, direct_io=False)
+
+    @_op("read")
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        data = await self.fs.read(fh, off, size)
+        self.metrics.read_bytes += len(data)
+        return data
+
+    async def flush(self, fh: int) -> None:
+        """Nothing is ever dirty."""
+
+    async def release(self, fh: int) -> None:
+        self.fs.release(fh)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        """Nothing is ever dirty."""
+
+    # -- everything that would change the image ------------------------------------------------
+    @_op("modify")
+    async def _read_only(self, *args: Any) -> Any:
+        raise ReadOnly("the image is read-only")
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only
+    write = create = setxattr = removexattr = _read_only

@@ -1,0 +1,355 @@
+"""Mount, unmount and query image mounts: the Python API the CLI and the runner call.
+
+Each mount has a daemon process. Its state file, control socket and log live in the run directory
+(``$COLDSTART_RUN_DIR``, else /run/coldstart for root) under ``mounts/<hash of the mountpoint>``.
+Mountpoints are taken as absolute paths, not resolved through symlinks (resolving would touch a
+mount whose daemon may be dead).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from imagefs.fs import control
+from imagefs.fs.cache import DEFAULT_MEMORY_SIZE, DEFAULT_SIZE, default_cache_dir
+from imagefs.fs.daemon import DaemonConfig, serve, unescape_mount_path
+from imagefs.fs.errors import MountError
+from imagefs.images import resolve
+from imagefs.store.factory import default_store_url, open_store
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 60.0
+FSTYPE = "fuse.coldstart"
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    mountpoint: str
+    image_id: str
+    ref: str
+    store_url: str
+    cache_dir: str
+    pid: int
+    state_path: str
+    socket_path: str
+    log_path: str
+    cached_chunks: int  # chunks of the image already in the host cache at mount time
+    total_chunks: int
+
+    @property
+    def cache_cold(self) -> bool:
+        """True when the host cache held none of the image's chunks when it was mounted."""
+        return self.cached_chunks == 0 and self.total_chunks > 0
+
+
+@dataclass(frozen=True)
+class MountPaths:
+    state: str
+    socket: str
+    log: str
+
+
+def run_dir() -> Path:
+    """$COLDSTART_RUN_DIR, else /run/coldstart (root), else the user's runtime directory."""
+    env = os.environ.get("COLDSTART_RUN_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/run/coldstart")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) / "coldstart" if runtime else Path(f"/tmp/coldstart-{os.getuid()}")
+
+
+def mount_paths(mountpoint: str) -> MountPaths:
+    key = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:16]
+    base = run_dir() / "mounts"
+    return MountPaths(str(base / f"{key}.json"), str(base / f"{key}.sock"), str(base / f"{key}.log"))
+
+
+def _abs(mountpoint: str | os.PathLike[str]) -> str:
+    return os.path.abspath(os.fspath(mountpoint))
+
+
+# -- mounting ----------------------------------------------------------------------------------
+def mount_image(store_url: str | None, ref: str, mountpoint: str | os.PathLike[str], *,
+                cache_dir: str | os.PathLike[str] | None = None, cache_size: int | None = None,
+                memory_size: int | None = None, timeout: float = READY_TIMEOUT,
+                **tuning: Any) -> MountInfo:
+    """Mount image ref (NAME:TAG or ID) at mountpoint in a background daemon; returns when ready.
+
+    tuning: other DaemonConfig fields (kernel_readahead_kb, readahead_max, limits, verbose, ...).
+    """
+    config = _prepare(store_url, ref, mountpoint, cache_dir, cache_size, memory_size, tuning)
+    ready = _spawn(config, timeout)
+    return MountInfo(config.mountpoint, config.image_id, config.ref, config.store_url,
+                     config.cache_dir, int(ready["pid"]), config.state_path, config.socket_path,
+                     config.log_path, int(ready["cached_chunks"]), int(ready["total_chunks"]))
+
+
+def serve_foreground(store_url: str | None, ref: str, mountpoint: str | os.PathLike[str], *,
+                     cache_dir: str | os.PathLike[str] | None = None, cache_size: int | None = None,
+                     ready: Callable[[dict[str, Any]], None] = lambda doc: None,
+                     **tuning: Any) -> int:
+    """Mount and serve in this process until unmounted or signalled; returns an exit code."""
+    config = _prepare(store_url, ref, mountpoint, cache_dir, cache_size, None, tuning)
+    return serve(config, ready)
+
+
+def _prepare(store_url: str | None, ref: str, mountpoint: str | os.PathLike[str],
+             cache_dir: str | os.PathLike[str] | None, cache_size: int | None,
+             memory_size: int | None, tuning: dict[str, Any]) -> DaemonConfig:
+    mp = _abs(mountpoint)
+    if not os.path.isdir(mp):
+        raise MountError(f"mountpoint {mp} is not a directory")
+    paths = mount_paths(mp)
+    _clear_stale(mp, paths)
+    url = store_url or default_store_url()
+    with open_store(url) as store:
+        image_id = resolve(store, ref)
+    os.makedirs(os.path.dirname(paths.state), exist_ok=True)
+    return DaemonConfig(
+        store_url=url, image_id=image_id, mountpoint=mp, ref=ref,
+        cache_dir=str(cache_dir or default_cache_dir()), cache_size=cache_size or DEFAULT_SIZE,
+        memory_size=memory_size or DEFAULT_MEMORY_SIZE, state_path=paths.state,
+        socket_path=paths.socket, log_path=paths.log,
+        allow_other=tuning.pop("allow_other", _allow_other_permitted()), **tuning)
+
+
+def _allow_other_permitted() -> bool:
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open("/etc/fuse.conf") as f:
+            return any(line.strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
+
+
+def _clear_stale(mp: str, paths: MountPaths) -> None:
+    """Remove what a dead daemon left at mp; refuse if mp is in use."""
+    state = read_state(paths.state)
+    alive = state is not None and daemon_alive(int(state.get("pid", 0)))
+    mounted = is_mounted(mp)
+    if alive and mounted:
+        raise MountError(f"{mp} is already mounted (daemon pid {state['pid']})")  # type: ignore[index]
+    if mounted and state is None:
+        raise MountError(f"{mp} is already a mount point")
+    if state is not None and not alive:
+        log.warning("cleaning up after the dead mount daemon of %s", mp)
+        if mounted:
+            _umount(mp, lazy=True)
+        _remove(paths.state, paths.socket)
+
+
+def _spawn(config: DaemonConfig, timeout: float) -> dict[str, Any]:
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "imagefs.fs.daemon", "--config", config.to_json(),
+           "--ready-fd", str(w), "--detach"]
+    try:
+        with open(config.log_path, "ab") as logf:
+            proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf,
+                                    stderr=logf, cwd="/", start_new_session=True, env=_daemon_env())
+        os.close(w)
+        w = -1
+        proc.wait(timeout)  # the first process forks the daemon and exits at once
+        return _wait_ready(r, config, timeout)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def _daemon_env() -> dict[str, str]:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _wait_ready(fd: int, config: DaemonConfig, timeout: float) -> dict[str, Any]:
+    """Read the daemon's lines: first {"pid": N}, then its readiness (or failure) message."""
+    deadline, buf, pid = time.monotonic() + timeout, b"", 0
+    while True:
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            doc = json.loads(line)
+            if "ok" in doc:
+                return _check_ready(doc, config)
+            pid = int(doc.get("pid", 0))
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            _abandon(pid, config.mountpoint)
+            raise MountError(f"mount daemon for {config.mountpoint} not ready after {timeout:.0f}s; "
+                             f"see {config.log_path}")
+        data = os.read(fd, 65536)
+        if not data:
+            raise MountError(f"mount daemon for {config.mountpoint} exited during start-up: "
+                             f"{_log_tail(config.log_path)}")
+        buf += data
+
+
+def _check_ready(doc: dict[str, Any], config: DaemonConfig) -> dict[str, Any]:
+    if not doc.get("ok"):
+        err = MountError(f"cannot mount {config.ref or config.image_id}: {doc.get('error')}")
+        err.exit_code = int(doc.get("exit_code") or MountError.exit_code)
+        raise err
+    return doc
+
+
+def _abandon(pid: int, mp: str) -> None:
+    """Kill a daemon that never got ready and detach whatever it mounted."""
+    if daemon_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    if is_mounted(mp) and mount_type(mp) == FSTYPE:
+        _umount(mp, lazy=True)
+
+
+def _log_tail(path: str, lines: int = 5) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return " | ".join(f.read().splitlines()[-lines:]) or "(empty log)"
+    except OSError:
+        return "(no log)"
+
+
+# -- unmounting --------------------------------------------------------------------------------
+def unmount(mountpoint: str | os.PathLike[str], *, timeout: float = 10.0) -> None:
+    """Unmount and stop the daemon; lazy-unmounts when the daemon is dead or the mount busy."""
+    mp = _abs(mountpoint)
+    paths = mount_paths(mp)
+    state = read_state(paths.state)
+    pid = int(state.get("pid", 0)) if state else 0
+    alive = daemon_alive(pid)
+    if is_mounted(mp):
+        if not (alive and _umount(mp, lazy=False)):
+            _umount(mp, lazy=True)
+    elif state is None:
+        raise MountError(f"{mp} is not mounted")
+    if alive and not _wait_exit(pid, timeout):
+        log.warning("mount daemon %d of %s still running (files still open after a lazy unmount?)",
+                    pid, mp)
+    if read_state(paths.state) == state:
+        _remove(paths.state, paths.socket)
+
+
+def _umount(mp: str, *, lazy: bool) -> bool:
+    """Unmount mp; True on success. A failed lazy unmount raises MountError."""
+    if os.geteuid() == 0 or not shutil.which("fusermount3"):
+        cmd = ["umount", "-l", mp] if lazy else ["umount", mp]
+    else:
+        cmd = ["fusermount3", "-u", "-z", mp] if lazy else ["fusermount3", "-u", mp]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode == 0 or not is_mounted(mp):
+        return True
+    if lazy:
+        raise MountError(f"cannot unmount {mp}: {res.stderr.strip()}")
+    log.info("unmount of %s failed (%s); detaching lazily", mp, res.stderr.strip())
+    return False
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while daemon_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _remove(*paths: str) -> None:
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+# -- queries -----------------------------------------------------------------------------------
+def read_state(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def daemon_alive(pid: int) -> bool:
+    """Whether pid is a running (not zombie) coldstart mount daemon."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X") and b"imagefs.fs.daemon" in cmdline
+
+
+def is_mounted(mountpoint: str) -> bool:
+    return mount_type(mountpoint) is not None
+
+
+def mount_type(mountpoint: str) -> str | None:
+    """The filesystem type of the visible mount at mountpoint, or None."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        lines = f.read().splitlines()
+    for line in reversed(lines):
+        fields = line.split()
+        if len(fields) > 4 and unescape_mount_path(fields[4]) == mountpoint:
+            sep = fields.index("-")
+            return fields[sep + 1]
+    return None
+
+
+def _socket_of(mountpoint: str | os.PathLike[str]) -> str:
+    mp = _abs(mountpoint)
+    state = read_state(mount_paths(mp).state)
+    if state is None or not daemon_alive(int(state.get("pid", 0))):
+        raise MountError(f"no running coldstart mount at {mp}")
+    return str(state["socket"])
+
+
+def read_stats(mountpoint: str | os.PathLike[str]) -> dict[str, Any]:
+    """The counters of the mount at mountpoint (see Daemon.stats)."""
+    return dict(control.request(_socket_of(mountpoint), "stats"))
+
+
+def read_trace(mountpoint: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The access trace: first touches of files and chunks, in order."""
+    return list(control.request(_socket_of(mountpoint), "trace", timeout=60.0))
+
+
+def prefetch(mountpoint: str | os.PathLike[str], chunks: list[tuple[str, int]]) -> int:
+    """Ask the daemon to load these (digest, size) chunks in order, behind demand reads."""
+    reply = control.request(_socket_of(mountpoint), "prefetch", chunks=chunks)
+    return int(reply["queued"])
+
+
+def list_mounts() -> list[dict[str, Any]]:
+    """State of every mount whose daemon is alive."""
+    base = run_dir() / "mounts"
+    out = []
+    for path in sorted(base.glob("*.json")) if base.is_dir() else []:
+        state = read_state(str(path))
+        if state and daemon_alive(int(state.get("pid", 0))):
+            out.append(state)
+    return out
+
+
+__all__ = ["MountInfo", "mount_image", "serve_foreground", "unmount", "read_stats", "read_trace",
+           "prefetch", "list_mounts", "is_mounted"]
