@@ -2,4 +2,5 @@
 pytest_plugins: list[str] = [
     "tests.fixtures.rootfs",
     "tests.fixtures.seaweed",
+    "tests.fixtures.registry",
 ]
