@@ -2,5 +2,6 @@
 pytest_plugins: list[str] = [
     "tests.fixtures.rootfs",
     "tests.fixtures.seaweed",
+    "tests.fixtures.mount",
     "tests.fixtures.registry",
 ]

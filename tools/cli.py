@@ -11,6 +11,7 @@ from imagefs.errors import ImageFSError
 # Modules that add sub-commands; each has register(subparsers) and sets args.func.
 COMMAND_MODULES = [
     "tools.cmd_images",
+    "tools.cmd_mount",
 ]
 
 

@@ -1,0 +1,153 @@
+"""The host chunk cache (on disk, shared, bounded, verified) and the memory tier."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from imagefs.chunks import Digest, digest_of
+from imagefs.errors import ImageFSError
+from imagefs.fs.cache import STALE_TEMP_AGE, TOUCH_INTERVAL, HostCache, MemoryCache, parse_size
+
+
+def chunk(i: int, size: int = 100_000) -> tuple[Digest, bytes]:
+    data = i.to_bytes(4, "little") * (size // 4)
+    return digest_of(data), data
+
+
+def cache_files(root: Path) -> list[Path]:
+    return [p for p in (root / "chunks").rglob("*") if p.is_file()]
+
+
+def test_parse_size() -> None:
+    assert parse_size("123") == 123
+    assert parse_size("512M") == 512 << 20
+    assert parse_size("10G") == 10 << 30
+    assert parse_size("1.5GiB") == 3 << 29
+    assert parse_size("64k") == 64 << 10
+    with pytest.raises(ImageFSError):
+        parse_size("lots")
+
+
+def test_put_get_round_trip_survives_reopen(tmp_path: Path) -> None:
+    cache = HostCache(tmp_path, 10 << 20)
+    d, data = chunk(1)
+    assert cache.get(d, len(data)) is None
+    cache.put(d, data)
+    assert cache.get(d, len(data)) == data
+    again = HostCache(tmp_path, 10 << 20)  # a restarted daemon
+    assert again.get(d, len(data)) == data
+    assert again.used_bytes == len(data)
+    assert (cache.counters.hits, cache.counters.misses, cache.counters.writes) == (1, 1, 1)
+    assert cache.path(d) == tmp_path / "chunks" / d[:2] / d
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "extend"])
+def test_corrupt_file_is_dropped_not_served(tmp_path: Path, damage: str) -> None:
+    cache = HostCache(tmp_path, 10 << 20)
+    d, data = chunk(2)
+    cache.put(d, data)
+    path = cache.path(d)
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[5000] ^= 1
+    elif damage == "truncate":
+        del raw[len(raw) // 2:]
+    else:
+        raw += b"x"
+    path.write_bytes(bytes(raw))
+    assert cache.get(d, len(data)) is None
+    assert not path.exists()
+    assert cache.counters.corrupt_dropped == 1
+    cache.put(d, data)  # refetched content replaces it
+    assert cache.get(d, len(data)) == data
+
+
+def test_torn_write_of_a_crash_is_never_served(tmp_path: Path) -> None:
+    """A writer killed mid-write leaves a temp file, never a partial chunk under its name."""
+    cache = HostCache(tmp_path, 10 << 20)
+    d, data = chunk(3)
+    stale = tmp_path / "tmp" / f"{d}.dead"
+    stale.write_bytes(data[:1000])
+    old = time.time() - STALE_TEMP_AGE - 10
+    os.utime(stale, (old, old))
+    fresh = tmp_path / "tmp" / f"{d}.live"
+    fresh.write_bytes(data[:10])
+    assert cache.get(d, len(data)) is None
+    HostCache(tmp_path, 10 << 20)  # start-up removes only old temp files
+    assert not stale.exists() and fresh.exists()
+
+
+def test_eviction_keeps_the_budget_and_recent_chunks(tmp_path: Path) -> None:
+    cache = HostCache(tmp_path, 1_000_000)
+    chunks = [chunk(i) for i in range(20)]
+    now = time.time()
+    for i, (d, data) in enumerate(chunks):
+        cache.put(d, data)
+        os.utime(cache.path(d), (now - 1000 + i, now - 1000 + i))  # i-th put is i-th most recent
+    total = sum(p.stat().st_size for p in cache_files(tmp_path))
+    assert total <= 1_000_000 and cache.used_bytes == total
+    assert cache.counters.evicted_files >= 10
+    kept = [i for i, (d, _) in enumerate(chunks) if cache.path(d).exists()]
+    assert kept == list(range(20 - len(kept), 20))
+
+
+def test_hit_refreshes_recency(tmp_path: Path) -> None:
+    cache = HostCache(tmp_path, 10 << 20)
+    d, data = chunk(4)
+    cache.put(d, data)
+    old = time.time() - TOUCH_INTERVAL - 100
+    os.utime(cache.path(d), (old, old))
+    assert cache.get(d, len(data)) == data
+    assert cache.path(d).stat().st_mtime > time.time() - 10
+
+
+def test_two_processes_share_one_budget(tmp_path: Path) -> None:
+    a, b = HostCache(tmp_path, 2_000_000), HostCache(tmp_path, 2_000_000)
+
+    def fill(cache: HostCache, start: int) -> None:
+        for i in range(start, start + 40):
+            cache.put(*chunk(i))
+
+    threads = [threading.Thread(target=fill, args=(c, n)) for c, n in ((a, 0), (b, 100))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    a.evict()
+    assert sum(p.stat().st_size for p in cache_files(tmp_path)) <= 2_000_000
+    for d, data in (chunk(i) for i in (*range(40), *range(100, 140))):
+        got = a.get(d, len(data))
+        assert got is None or got == data
+
+
+def test_unwritable_cache_is_not_an_error(tmp_path: Path) -> None:
+    cache = HostCache(tmp_path, 10 << 20)
+    d, data = chunk(5)
+    os.chmod(tmp_path / "tmp", 0o500)
+    try:
+        if os.geteuid() == 0:  # root ignores modes: take the temp dir away instead
+            os.rename(tmp_path / "tmp", tmp_path / "gone")
+        cache.put(d, data)
+    finally:
+        if (tmp_path / "gone").exists():
+            os.rename(tmp_path / "gone", tmp_path / "tmp")
+        os.chmod(tmp_path / "tmp", 0o755)
+    assert cache.counters.write_errors == 1
+    assert cache.get(d, len(data)) is None
+
+
+def test_memory_tier_is_a_bounded_lru() -> None:
+    mem = MemoryCache(250_000)
+    chunks = [chunk(i) for i in range(3)]
+    for d, data in chunks[:2]:
+        mem.put(d, data)
+    assert mem.get(chunks[0][0]) == chunks[0][1]  # 0 is now the most recent
+    mem.put(*chunks[2])
+    assert chunks[1][0] not in mem and chunks[0][0] in mem and chunks[2][0] in mem
+    assert mem.used_bytes == 200_000 and mem.counters.evicted_chunks == 1
+    mem.put(*chunk(9, 300_000))  # larger than the whole tier: not kept
+    assert len(mem) == 2

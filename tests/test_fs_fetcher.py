@@ -1,0 +1,233 @@
+"""The chunk fetcher: tiers, single flight, bounded concurrency, errors, readahead and prefetch."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Awaitable, Callable, Iterator, TypeVar
+
+import pytest
+import trio
+
+from imagefs import chunks as blobs
+from imagefs.chunks import Digest
+from imagefs.errors import StoreUnavailable
+from imagefs.fs.cache import HostCache, MemoryCache
+from imagefs.fs.errors import ChunkUnavailable
+from imagefs.fs.fetcher import ChunkFetcher, FetchLimits
+from imagefs.store.base import BlobInfo, BlobStore
+from imagefs.store.local import LocalStore
+
+T = TypeVar("T")
+
+
+class ProbeStore(BlobStore):
+    """Wraps a store: counts gets, measures concurrency, can be slowed down or switched off."""
+
+    def __init__(self, inner: BlobStore, delay: float = 0.0) -> None:
+        self.inner = inner
+        self.delay = delay
+        self.down = False
+        self.gets: list[str] = []
+        self.active = 0
+        self.max_active = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> bytes:
+        with self._lock:
+            self.gets.append(key)
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            if self.delay:
+                time.sleep(self.delay)
+            if self.down:
+                raise StoreUnavailable(f"store down while getting {key}")
+            return self.inner.get(key)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        return self.get(key)[offset:offset + length]
+
+    def put(self, key: str, data: bytes) -> None:
+        self.inner.put(key, data)
+
+    def exists(self, key: str) -> bool:
+        return self.inner.exists(key)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+    def list(self, prefix: str = "") -> Iterator[BlobInfo]:
+        return self.inner.list(prefix)
+
+
+def put_chunks(store: BlobStore, count: int, size: int = 50_000) -> list[tuple[Digest, bytes]]:
+    out = []
+    for i in range(count):
+        data = bytes([i % 256]) * (size // 2) + i.to_bytes(4, "little") * (size // 8)
+        d = blobs.digest_of(data)
+        store.put(blobs.chunk_key(d), blobs.encode(data))
+        out.append((d, data))
+    return out
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ProbeStore:
+    return ProbeStore(LocalStore(tmp_path / "store", fsync=False))
+
+
+def run(fetcher: ChunkFetcher, fn: Callable[[ChunkFetcher], Awaitable[T]]) -> T:
+    async def main() -> T:
+        async with fetcher.running():
+            return await fn(fetcher)
+
+    return trio.run(main)
+
+
+def test_tiers_memory_disk_store(store: ProbeStore, tmp_path: Path) -> None:
+    (d, data), = put_chunks(store, 1)
+    disk = HostCache(tmp_path / "cache")
+
+    async def twice(f: ChunkFetcher) -> None:
+        assert await f.get(d, len(data)) == data
+        assert await f.get(d, len(data)) == data
+
+    first = ChunkFetcher(store, disk, MemoryCache())
+    run(first, twice)
+    assert len(store.gets) == 1 and first.memory.counters.hits == 1
+    assert first.stats()["by_kind"]["demand"]["chunks"] == 1  # type: ignore[index]
+    second = ChunkFetcher(store, HostCache(tmp_path / "cache"), MemoryCache())  # a fresh mount
+    run(second, twice)
+    assert len(store.gets) == 1
+    assert second.disk is not None and second.disk.counters.hits == 1
+
+
+def test_one_fetch_for_many_readers(store: ProbeStore) -> None:
+    store.delay = 0.05
+    (d, data), = put_chunks(store, 1)
+
+    async def readers(f: ChunkFetcher) -> list[bytes]:
+        out: list[bytes] = []
+
+        async def one() -> None:
+            out.append(await f.get(d, len(data)))
+
+        async with trio.open_nursery() as n:
+            for _ in range(20):
+                n.start_soon(one)
+        return out
+
+    f = ChunkFetcher(store, None, MemoryCache())
+    assert run(f, readers) == [data] * 20
+    assert len(store.gets) == 1 and f.counters.joined == 19
+
+
+def test_store_concurrency_is_bounded(store: ProbeStore) -> None:
+    store.delay = 0.02
+    chunks = put_chunks(store, 24)
+
+    async def all_at_once(f: ChunkFetcher) -> None:
+        async with trio.open_nursery() as n:
+            for d, data in chunks:
+                n.start_soon(f.get, d, len(data))
+
+    run(ChunkFetcher(store, None, MemoryCache(), FetchLimits(store=3)), all_at_once)
+    assert store.max_active == 3 and len(store.gets) == 24
+
+
+def test_corrupt_chunk_fails_and_is_not_kept(store: ProbeStore, tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    (d, data), = put_chunks(store, 1)
+    good = store.inner.get(blobs.chunk_key(d))
+    store.inner.put(blobs.chunk_key(d), blobs.encode(data[:-1] + bytes([data[-1] ^ 1])))  # valid blob, wrong content
+    disk = HostCache(tmp_path / "cache")
+
+    async def attempt(f: ChunkFetcher) -> None:
+        with pytest.raises(ChunkUnavailable) as exc:
+            await f.get(d, len(data))
+        assert exc.value.digest == d
+        store.inner.put(blobs.chunk_key(d), good)  # repaired: the next read succeeds
+        assert await f.get(d, len(data)) == data
+
+    f = ChunkFetcher(store, disk, MemoryCache())
+    with caplog.at_level(logging.ERROR):
+        run(f, attempt)
+    assert f.counters.corrupt == 1 and f.counters.errors == 1
+    assert any(d in r.getMessage() for r in caplog.records)
+
+
+def test_store_down_fails_fast_then_recovers(store: ProbeStore,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    chunks = put_chunks(store, 2)
+    (d0, data0), (d1, data1) = chunks
+
+    async def outage(f: ChunkFetcher) -> None:
+        assert await f.get(d0, len(data0)) == data0
+        store.down = True
+        with pytest.raises(ChunkUnavailable):
+            await f.get(d1, len(data1))
+        assert await f.get(d0, len(data0)) == data0  # cached data still served
+        store.down = False
+        assert await f.get(d1, len(data1)) == data1
+
+    with caplog.at_level(logging.ERROR):
+        run(ChunkFetcher(store, None, MemoryCache()), outage)
+    assert any(d1 in r.getMessage() and "store down" in r.getMessage() for r in caplog.records)
+
+
+def test_size_mismatch_with_the_index_is_an_error(store: ProbeStore) -> None:
+    (d, data), = put_chunks(store, 1)
+
+    async def wrong_size(f: ChunkFetcher) -> None:
+        with pytest.raises(ChunkUnavailable):
+            await f.get(d, len(data) + 1)
+
+    run(ChunkFetcher(store, None, MemoryCache()), wrong_size)
+
+
+def test_readahead_loads_in_the_background(store: ProbeStore) -> None:
+    chunks = put_chunks(store, 4)
+
+    async def ahead(f: ChunkFetcher) -> None:
+        f.readahead([(d, len(data)) for d, data in chunks])
+        f.readahead([(d, len(data)) for d, data in chunks])  # queued once only
+        while len(f.memory) < 4:
+            await trio.sleep(0.01)
+        for d, data in chunks:
+            assert await f.get(d, len(data)) == data
+
+    f = ChunkFetcher(store, None, MemoryCache())
+    run(f, ahead)
+    assert len(store.gets) == 4
+    assert f.counters.by_kind["readahead"].chunks == 4 and f.counters.by_kind["demand"].chunks == 0
+
+
+def test_prefetch_goes_in_order_behind_demand(store: ProbeStore) -> None:
+    store.delay = 0.02
+    chunks = put_chunks(store, 30)
+    urgent_d, urgent = chunks[-1]
+
+    async def scenario(f: ChunkFetcher) -> float:
+        f.prefetch([(d, len(data)) for d, data in chunks[:-1]])
+        await trio.sleep(0.05)
+        start = trio.current_time()
+        assert await f.get(urgent_d, len(urgent)) == urgent
+        return trio.current_time() - start
+
+    f = ChunkFetcher(store, None, MemoryCache(), FetchLimits(store=4, prefetch_workers=1))
+    waited = run(f, scenario)
+    assert waited < 0.2  # not queued behind 29 prefetches
+    prefetched = [k for k in store.gets if k != blobs.chunk_key(urgent_d)]
+    assert prefetched == [blobs.chunk_key(d) for d, _ in chunks[:len(prefetched)]]
+    assert store.max_active <= 2
+
+
+def test_use_outside_running_is_refused(store: ProbeStore) -> None:
+    (d, data), = put_chunks(store, 1)
+    f = ChunkFetcher(store, None, MemoryCache())
+    with pytest.raises(RuntimeError):
+        trio.run(f.get, d, len(data))

@@ -1,0 +1,345 @@
+"""Filesystem operations called directly (no kernel) on a small image: the model and the adapter."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import socket
+import stat
+from pathlib import Path
+from typing import Any, Awaitable, Callable, TypeVar
+
+import pyfuse3
+import pytest
+import trio
+
+from imagefs.chunks import Digest
+from imagefs.fs.cache import HostCache, MemoryCache
+from imagefs.fs.fetcher import ChunkFetcher
+from imagefs.fs.fuse_ops import FuseOps, errno_for
+from imagefs.fs.model import ImageFS, ReadaheadPolicy
+from imagefs.fs.trace import AccessTrace
+from imagefs.images import load_index
+from imagefs.index import ImageIndex
+from imagefs.store.local import LocalStore
+from imagefs.writer import ChunkerParams, write_image
+from imagefs.importers.rootfs import import_rootfs
+from tests.fixtures.rootfs import make_rich_tree
+
+T = TypeVar("T")
+SMALL_CHUNKS = ChunkerParams(avg_size=64 * 1024, min_size=16 * 1024, max_size=256 * 1024)
+
+
+def make_tree(root: Path) -> Path:
+    """The rich test tree plus a socket, a file spanning many chunks and a big directory."""
+    make_rich_tree(root)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "tmp/sock"))
+    sock.close()
+    rng = random.Random(7)
+    (root / "big.bin").write_bytes(rng.randbytes(900_000) + bytes(300_000))
+    many = root / "many"
+    many.mkdir()
+    for i in range(300):
+        (many / f"f{i:03d}").write_bytes(f"file {i}\n".encode())
+    return root
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LocalStore, ImageIndex]:
+    base = tmp_path_factory.mktemp("ops")
+    src = make_tree(base / "src")
+    store = LocalStore(base / "store", fsync=False)
+    image_id, _ = write_image(store, import_rootfs(src), params=SMALL_CHUNKS)
+    return src, store, load_index(store, image_id)
+
+
+def with_ops(index: ImageIndex, store: Any, fn: Callable[[FuseOps], Awaitable[T]], *,
+             cache: HostCache | None = None, **fetch_kw: Any) -> T:
+    async def main() -> T:
+        fetcher = ChunkFetcher(store, cache, MemoryCache(), **fetch_kw)
+        async with fetcher.running():
+            ops = FuseOps(ImageFS(index, fetcher, trace=AccessTrace()))
+            return await fn(ops)
+
+    return trio.run(main)
+
+
+async def resolve(ops: FuseOps, path: str) -> int:
+    ino = pyfuse3.ROOT_INODE
+    for part in path.strip("/").split("/"):
+        if part:
+            ino = (await ops.lookup(ino, os.fsencode(part))).st_ino
+            assert ino, f"{path}: {part} not found"
+    return ino
+
+
+async def read_all(ops: FuseOps, ino: int, step: int = 128 * 1024) -> bytes:
+    fi = await ops.open(ino, os.O_RDONLY)
+    out, off = bytearray(), 0
+    while data := await ops.read(fi.fh, off, step):
+        out += data
+        off += len(data)
+    await ops.release(fi.fh)
+    return bytes(out)
+
+
+def fuse_errno(excinfo: pytest.ExceptionInfo[pyfuse3.FUSEError]) -> int:
+    return excinfo.value.errno
+
+
+def source_entries(src: Path) -> list[tuple[str, os.stat_result]]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(src):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            out.append((os.path.relpath(full, src), os.lstat(full)))
+    return out
+
+
+def test_getattr_matches_source(image: tuple[Path, LocalStore, ImageIndex]) -> None:
+    src, store, index = image
+
+    async def check(ops: FuseOps) -> None:
+        for rel, st in source_entries(src):
+            a = await ops.getattr(await resolve(ops, rel))
+            assert a.st_mode == st.st_mode, rel
+            assert (a.st_uid, a.st_gid, a.st_mtime_ns) == (st.st_uid, st.st_gid, st.st_mtime_ns), rel
+            if not stat.S_ISDIR(st.st_mode):
+                assert (a.st_size, a.st_nlink) == (st.st_size, st.st_nlink), rel
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                assert a.st_rdev == st.st_rdev, rel
+            assert a.entry_timeout >= 3600 and a.attr_timeout >= 3600
+
+    with_ops(index, store, check)
+
+
+def test_hardlinks_are_one_inode(image: tuple[Path, LocalStore, ImageIndex]) -> None:
+    _src, store, index = image
+
+    async def check(ops: FuseOps) -> None:
+        a, b = await resolve(ops, "bin/busybox"), await resolve(ops, "bin/sh")
+        assert a == b
+        assert (await ops.getattr(a)).st_nlink == 2
+
+    with_ops(index, store, check)
+
+
+def test_directory_nlink_counts_subdirectories(image: tuple[Path, LocalStore, ImageIndex]) -> None:
+    src, store, index = image
+
+    async def nlink(ops: FuseOps) -> int:
+        return (await ops.getattr(pyfuse3.ROOT_INODE)).st_nlink
+
+    assert with_ops(index, store, nlink) == os.lstat(src).st_nlink
+
+
+def test_negative_lookup_is_cached(image: tuple[Path, LocalStore, ImageIndex]) -> None:
+    _src, store, index = image
+
+    async def check(ops: FuseOps) -> None:
+        e = await ops.lookup(pyfuse3.ROOT_INODE, b"no-such-file")
+        assert e.st_ino == 0 and e.entry_timeout >= 3600
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await ops.lookup(await resolve(ops, "etc/passwd"), b"x")
+        assert fuse_errno(exc) == errno.ENOTDIR
+
+    with_ops(index, store, check)
+
+
+def test_dot_and_dotdot_lookups(image: tuple[Path, LocalStore, ImageIndex]) -> None:
+    _src, store, index = image
+
+    async def check(ops: FuseOps) -> None:
+        etc = await resolve(ops, "etc")
+        assert (await ops.lookup(etc, b".")).st_ino == etc
+        assert (await ops.lookup(etc, b"..")).st_ino == pyfuse3.ROOT_INODE
+
+    with_ops(index, store, check)
+
+
+def test_readdir_lists_everything_and_resumes(image: tuple[Path, LocalStore, ImageIndex],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    src, store, index = image
+    replies: list[tuple[bytes, int, int]] = []
+    budget = {"left": 0}
+
+    def fake_reply(token: Any, name: bytes, attr: pyfuse3.EntryAttributes, next_id: int) -> bool:
+        if budget["left"] == 0:
+            return False
+        budget["left"] -= 1
+        replies.append((name, attr.st_ino, next_id))
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", fake_reply)
+
+    async def listing(ops: FuseOps) -> None:
+        fh = await ops.opendir(await resolve(ops, "many"), None)
+        start = 0
+        while True:  # 7 entries per reply, like a small kernel buffer
+            budget["left"] = 7
+            before = len(replies)
+            await ops.readdir(fh, start, None)  # type: ignore[arg-type]
+            if len(replies) == before:
+                break
+            start = replies[-1][2]
+        await ops.releasedir(fh)
+
+    with_ops(index, store, listing)
+    assert [r[0] for r in replies] == sorted(os.fsencode(n) for n in os.listdir(src / "many"))
+    assert len({r[1] for r in replies}) == 300
+
+
+def test_read_matches_source_at_any_offset(image: tuple[Path, LocalStore, ImageIndex]) -> None:
+    src, store, index = image
+    content = (src / "big.bin").read_bytes()
+    rng = random.Random(1)
+    ranges = [(rng.randrange(len(content) + 10), rng.choice([1, 4096, 70_000, 300_000]))
+              for _ in range(60)] + [(len(content) - 5, 100), (len(content), 10), (0, len(content) + 1)]
+
+    async def check(ops: FuseOps) -> None:
+        fi = await ops.open(await resolve(ops, "big.bin"), os.O_RDONLY)
+        for off, size in ranges:
+            assert bytes(await ops.read(fi.fh, off, size)) == content[off:off + size], (off, size)
+        assert await read_all(ops, await resolve(ops, "bin/busybox")) == (src / "bin/busybox").read_bytes()
+        assert await read_all(ops, await resolve(ops, "empty")) == b""
+
+    with_ops(index, store, check)
+
+
+def test_readlink_and_xattrs(image: tuple[Path, LocalStore, ImageIndex]) -> None:
+    src, store, index = image
+
+    async def check(ops: FuseOps) -> None:
+        assert await ops.readlink(await resolve(ops, "bin/ls")) == b"busybox"
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await ops.readlink(await resolve(ops, "etc/passwd"))
+        assert fuse_errno(exc) == errno.EINVAL
+        ping = await resolve(ops, "bin/ping")
+        assert sorted(await ops.listxattr(ping)) == [b"security.capability", b"user.note"]
+        assert await ops.getxattr(ping, b"security.capability") == os.getxattr(
+            src / "bin/ping", "security.capability")
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await ops.getxattr(ping, b"user.missing")
+        assert fuse_errno(exc) == pyfuse3.ENOATTR
+        assert await ops.listxattr(await resolve(ops, "etc")) == []
+
+    with_ops(index, store, check)
+
+
+def test_statfs(image: tuple[Path, LocalStore, ImageIndex]) -> None:
+    _src, store, index = image
+    s = with_ops(index, store, lambda ops: ops.statfs(None))
+    assert s.f_files == len(index.inodes)
+    assert s.f_blocks * s.f_bsize >= index.file_bytes
+    assert s.f_bfree == s.f_bavail == s.f_ffree == 0
+    assert s.f_namemax == 255
+
+
+def test_writes_fail_with_erofs(image: tuple[Path, LocalStore, ImageIndex]) -> None:
+    _src, store, index = image
+
+    async def check(ops: FuseOps) -> list[int]:
+        passwd = await resolve(ops, "etc/passwd")
+        calls = [ops.open(passwd, os.O_WRONLY), ops.open(passwd, os.O_RDWR),
+                 ops.mkdir(1, b"new", 0o755, None), ops.unlink(1, b"empty", None),
+                 ops.create(1, b"new", 0o644, os.O_WRONLY, None), ops.write(1, 0, b"x"),
+                 ops.setxattr(passwd, b"user.x", b"1", None), ops.rename(1, b"a", 1, b"b", 0, None),
+                 ops.access(passwd, os.W_OK, None)]
+        codes = []
+        for call in calls:
+            with pytest.raises(pyfuse3.FUSEError) as exc:
+                await call
+            codes.append(fuse_errno(exc))
+        return codes
+
+    assert set(with_ops(index, store, check)) == {errno.EROFS}
+
+
+def test_access_checks_mode_bits(image: tuple[Path, LocalStore, ImageIndex]) -> None:
+    _src, store, index = image
+
+    async def check(ops: FuseOps) -> None:
+        data = await resolve(ops, "home/data.txt")  # 0640 1000:1000
+        model = ops.fs
+        model.access(data, os.R_OK, 1000, {1000})
+        model.access(data, os.R_OK, 2000, {1000})
+        for uid, gids, mode in ((2000, {2000}, os.R_OK), (1000, {1000}, os.X_OK)):
+            with pytest.raises(Exception) as exc:
+                model.access(data, mode, uid, gids)
+            assert errno_for(exc.value) == errno.EACCES
+        assert await ops.access(data, os.R_OK, None)
+
+    with_ops(index, store, check)
+
+
+def test_bad_inode_and_handle(image: tuple[Path, LocalStore, ImageIndex]) -> None:
+    _src, store, index = image
+
+    async def check(ops: FuseOps) -> None:
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await ops.getattr(10_000)
+        assert fuse_errno(exc) == errno.ENOENT
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await ops.read(999, 0, 10)
+        assert fuse_errno(exc) == errno.EBADF
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await ops.open(1, os.O_RDONLY)
+        assert fuse_errno(exc) == errno.EISDIR
+
+    with_ops(index, store, check)
+
+
+class BrokenSource:
+    async def get(self, digest: Digest, size: int) -> bytes:
+        raise RuntimeError("bug in a chunk source")
+
+    def readahead(self, chunks: Any) -> None:
+        pass
+
+
+def test_unexpected_error_is_eio_and_logged(image: tuple[Path, LocalStore, ImageIndex],
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    _src, _store, index = image
+
+    async def main() -> int:
+        ops = FuseOps(ImageFS(index, BrokenSource()))
+        fi = await ops.open(await resolve(ops, "etc/passwd"), os.O_RDONLY)
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await ops.read(fi.fh, 0, 100)
+        return fuse_errno(exc)
+
+    with caplog.at_level(logging.ERROR, logger="imagefs.fs.fuse_ops"):
+        assert trio.run(main) == errno.EIO
+    assert any("unexpected error in read" in r.getMessage() and "bug in a chunk source" in r.exc_text
+               for r in caplog.records if r.exc_text)
+
+
+def test_metrics_and_trace(image: tuple[Path, LocalStore, ImageIndex]) -> None:
+    _src, store, index = image
+
+    async def run(ops: FuseOps) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        await read_all(ops, await resolve(ops, "etc/passwd"))
+        await read_all(ops, await resolve(ops, "big.bin"))
+        await read_all(ops, await resolve(ops, "etc/passwd"))
+        assert ops.fs.trace is not None
+        return ops.metrics.as_dict(), ops.fs.trace.dump(index)
+
+    metrics, trace = with_ops(index, store, run)
+    assert metrics["ops"]["read"]["count"] >= 12 and metrics["ops"]["lookup"]["count"] >= 4
+    assert metrics["ops"]["read"]["p50_us"] <= metrics["ops"]["read"]["p99_us"]
+    files = [e["path"] for e in trace if e["kind"] == "file"]
+    assert files == ["/etc/passwd", "/big.bin"]
+    chunks = [e["chunk"] for e in trace if e["kind"] == "chunk"]
+    assert len(chunks) == len(set(chunks)) and trace[1]["path"] == "/etc/passwd"
+    big = index.inode(index.resolve("/big.bin"))
+    big_chunks = [index.chunks[c] for c in (big.extents or [])[::3]]
+    assert [c for c in chunks if c in big_chunks] == list(dict.fromkeys(big_chunks))
+    assert [e["t"] for e in trace] == sorted(e["t"] for e in trace)
+
+
+def test_readahead_policy_window() -> None:
+    p = ReadaheadPolicy(min_bytes=100, max_bytes=1000)
+    assert [p.window(s) for s in range(6)] == [0, 100, 200, 400, 800, 1000]
+    assert ReadaheadPolicy(max_bytes=0).window(5) == 0

@@ -1,0 +1,90 @@
+"""Mount commands: mount, umount, stats."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from imagefs.fs import mounts
+from imagefs.fs.cache import parse_size
+from tools.common import add_json_arg, add_store_arg, emit, human_bytes
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("mount", help="mount an image read-only (lazily fetched) at a directory")
+    p.add_argument("ref", metavar="NAME:TAG|ID")
+    p.add_argument("mountpoint")
+    add_store_arg(p)
+    p.add_argument("--cache", metavar="DIR",
+                   help="host chunk cache (default: $COLDSTART_CACHE, else /var/cache/coldstart "
+                        "for root, else ~/.cache/coldstart)")
+    p.add_argument("--cache-size", metavar="SIZE", type=parse_size,
+                   help="host cache budget, e.g. 20G (default 10G)")
+    p.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")
+    add_json_arg(p)
+    p.set_defaults(func=cmd_mount)
+    p = sub.add_parser("umount", help="unmount an image mount and stop its daemon")
+    p.add_argument("mountpoint")
+    p.set_defaults(func=cmd_umount)
+    p = sub.add_parser("stats", help="counters of a mount: fetches, cache tiers, FUSE operations")
+    p.add_argument("mountpoint")
+    p.add_argument("--trace", action="store_true", help="print the access trace instead")
+    add_json_arg(p)
+    p.set_defaults(func=cmd_stats)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    verbose = int(getattr(args, "verbose", 0))
+    if args.foreground:
+        def ready(doc: dict[str, Any]) -> None:
+            if doc.get("ok"):
+                print(f"mounted {args.ref} at {args.mountpoint} (pid {doc['pid']})", flush=True)
+
+        return mounts.serve_foreground(args.store, args.ref, args.mountpoint, cache_dir=args.cache,
+                                       cache_size=args.cache_size, ready=ready, verbose=verbose)
+    info = mounts.mount_image(args.store, args.ref, args.mountpoint, cache_dir=args.cache,
+                              cache_size=args.cache_size, verbose=verbose)
+    doc = {"mountpoint": info.mountpoint, "image": info.image_id, "pid": info.pid,
+           "cache_dir": info.cache_dir, "cached_chunks": info.cached_chunks,
+           "total_chunks": info.total_chunks, "log": info.log_path}
+    emit(args, doc, lambda: print(
+        f"mounted {args.ref} ({info.image_id[:12]}) at {info.mountpoint}, daemon pid {info.pid}, "
+        f"{info.cached_chunks}/{info.total_chunks} chunks already in the host cache"))
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mounts.unmount(args.mountpoint)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    if args.trace:
+        json.dump(mounts.read_trace(args.mountpoint), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    stats = mounts.read_stats(args.mountpoint)
+    emit(args, stats, lambda: _print_stats(stats))
+    return 0
+
+
+def _print_stats(s: dict[str, Any]) -> None:
+    f = s["fetch"]
+    print(f"mount     {s['mountpoint']}  image {s['image'][:12]}  pid {s['pid']}  up {s['uptime_s']:.0f}s")
+    print(f"fetched   {f['chunks_fetched']} chunks, {human_bytes(f['bytes_fetched'])} "
+          f"({human_bytes(f['raw_bytes_fetched'])} raw), {f['errors']} errors, {f['joined']} joined")
+    for kind, c in f["by_kind"].items():
+        print(f"  {kind:<10}{c['chunks']} chunks, {human_bytes(c['bytes'])}")
+    m = f["memory"]
+    print(f"memory    {m['hits']} hits, {m['misses']} misses, {m['chunks']} chunks "
+          f"({human_bytes(m['bytes'])} of {human_bytes(m['max_bytes'])})")
+    d = f.get("disk")
+    if d:
+        print(f"host      {d['hits']} hits, {d['misses']} misses, {d['corrupt_dropped']} corrupt dropped, "
+              f"{human_bytes(d['bytes'])} of {human_bytes(d['max_bytes'])} in {d['path']}")
+    print(f"read      {human_bytes(s['fuse']['read_bytes'])} served, trace {s['trace']['events']} events")
+    print(f"{'op':<10}{'count':>9}{'errors':>8}{'p50 us':>9}{'p90 us':>9}{'p99 us':>9}{'max us':>10}")
+    for name, o in s["fuse"]["ops"].items():
+        print(f"{name:<10}{o['count']:>9}{o['errors']:>8}{o['p50_us']:>9}{o['p90_us']:>9}"
+              f"{o['p99_us']:>9}{o['max_us']:>10}")
