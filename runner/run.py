@@ -24,7 +24,7 @@ from runner.signals import Interrupted, SignalRouter
 from runner.stream import ReadyWatcher, Sink, fd_sink, relay
 from runner.supervisor import Guard
 from runner.timings import Timings
-from runner.users import resolve_user
+from runner.users import resolve_user, write_in_root
 
 if TYPE_CHECKING:
     from runner.gpu import GpuHost, GpuPlan
@@ -143,17 +143,18 @@ class _Job:
         user = resolve_user(lower.path, opts.user if opts.user is not None else config.user)
         edits = self.gpu_plan.edits(lower.path) if self.gpu_plan is not None else SpecEdits()
         hostname = opts.hostname or (socket.gethostname() if opts.network == "host" else self.paths.id[-12:])
+        self._write_etc_files(self.paths.rootfs, hostname)
         defaults = {"PATH": specgen.DEFAULT_PATH, "HOSTNAME": hostname, "HOME": user.home}
         return specgen.SpecInputs(
             args=specgen.compose_args(config.entrypoint, config.cmd, opts.entrypoint, opts.command),
             env=specgen.merge_env(config.env, [edits.env], opts.env, os.environ, defaults),
             cwd=opts.workdir or config.working_dir or "/", user=user, hostname=hostname,
-            network=opts.network, mounts=opts.mounts, etc_files=self._etc_files(hostname),
+            network=opts.network, mounts=opts.mounts,
             memory=opts.memory, cpus=opts.cpus, pids_limit=opts.pids_limit, edits=edits, nofile=_nofile(),
         )
 
-    def _etc_files(self, hostname: str) -> dict[str, Path]:
-        """Per-container copies of /etc/hostname, /etc/hosts (and resolv.conf with the host network)."""
+    def _write_etc_files(self, rootfs: Path, hostname: str) -> None:
+        """/etc/hostname, /etc/hosts (and resolv.conf with the host network) written into the writable layer."""
         files = {"/etc/hostname": f"{hostname}\n",
                  "/etc/hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\t{hostname}\n"}
         if self.options.network == "host":
@@ -161,12 +162,8 @@ class _Job:
                 files["/etc/resolv.conf"] = Path("/etc/resolv.conf").read_text()
             except OSError:
                 pass
-        out = {}
         for dest, text in files.items():
-            path = self.paths.bundle / ("etc-" + Path(dest).name)
-            path.write_text(text)
-            out[dest] = path
-        return out
+            write_in_root(rootfs, dest, text)
 
     def _launch(self, guard: Guard, record: OwnerRecord) -> int:
         out_r, out_w = os.pipe()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from runner.edits import SpecEdits
 from runner.errors import UsageError
@@ -49,7 +48,6 @@ class SpecInputs:
     hostname: str
     network: str = "none"
     mounts: Sequence[MountSpec] = ()
-    etc_files: Mapping[str, Path] = field(default_factory=dict)
     memory: int | None = None
     cpus: float | None = None
     pids_limit: int | None = None
@@ -141,8 +139,6 @@ def _mounts(inputs: SpecInputs) -> list[dict[str, object]]:
         _mount("/sys", "sysfs", "sysfs", ("nosuid", "noexec", "nodev", "ro")),
         _mount("/sys/fs/cgroup", "cgroup", "cgroup", ("nosuid", "noexec", "nodev", "relatime", "ro")),
     ]
-    for dest, host in inputs.etc_files.items():
-        mounts.append(_mount(dest, "bind", str(host), ("rbind", "rprivate", "nosuid", "nodev", "noexec")))
     for m in inputs.mounts:
         mounts.append(_mount(m.container, "bind", str(m.host), ("rbind", "rprivate") + (("ro",) if m.readonly else ())))
     for b in inputs.edits.mounts:

@@ -101,3 +101,16 @@ def resolve_user(rootfs: Path, spec: str) -> ResolvedUser:
         gid = _group_id(groups, group_part)
         return ResolvedUser(uid, gid, (), home)
     return ResolvedUser(uid, gid, _supplementary(groups, name, gid) if name else (), home)
+
+
+def write_in_root(root: Path, path: str, text: str) -> bool:
+    """Write a file at path inside root without following a symlink out of it; False if impossible."""
+    try:
+        target = secure_join(root, path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return True
