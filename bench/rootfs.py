@@ -51,7 +51,7 @@ def _chroot_pip(root: Path, *args: str) -> None:
         shutil.copy(whl, wheels)
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/root", "PIP_ROOT_USER_ACTION": "ignore",
            "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_CACHE_DIR": "1"}
-    _run(["chroot", str(root), "python3", "-m", "pip", "install", "--break-system-packages",
+    _run([shutil.which("chroot") or "/usr/sbin/chroot", str(root), "python3", "-m", "pip", "install", "--break-system-packages",
           "--find-links", "/tmp/wheels", *args], env=env)
     shutil.rmtree(wheels)
 
