@@ -150,6 +150,9 @@ def _by_ref(descs: list[dict[str, Any]], ref: str | None, where: str) -> dict[st
     if ref is None:
         if not descs:
             raise InvalidSource(f"{where}: the layout holds no image")
+        if len(descs) > 1 and not any(isinstance(d.get("platform"), dict) for d in descs):
+            raise InvalidSource(f"{where}: the layout holds {len(descs)} images; name one as oci:DIR:REF "
+                                f"(names: {_ref_names(descs)})")
         return descs[0] if len(descs) == 1 else None
     named = [d for d in descs if isinstance(d.get("annotations"), dict)
              and d["annotations"].get(REF_ANNOTATION) == ref]

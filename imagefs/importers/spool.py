@@ -144,12 +144,12 @@ def spool(stream: BinaryIO, dest: str, what: str, expect: Expect = Expect()) -> 
 
 
 def _verify(tap: _Tap, tar_hash: "hashlib._Hash | None", what: str, expect: Expect) -> None:
-    if expect.size is not None and tap.count != expect.size:
-        raise InvalidSource(f"{what}: blob is {tap.count} bytes, its descriptor says {expect.size}")
     if tap.hash is not None and expect.digest is not None:
         got = f"{tap.hash.name}:{tap.hash.hexdigest()}"
         if got != expect.digest:
             raise InvalidSource(f"{what}: digest mismatch: blob {expect.digest} hashes to {got}")
+    if expect.size is not None and tap.count != expect.size:
+        raise InvalidSource(f"{what}: blob is {tap.count} bytes, its descriptor says {expect.size}")
     if tar_hash is not None and expect.diff_id is not None:
         got = f"{tar_hash.name}:{tar_hash.hexdigest()}"
         if got != expect.diff_id:
