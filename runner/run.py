@@ -56,10 +56,10 @@ def run(options: RunOptions, provider: LowerProvider, *, stdout: Sink | None = N
     err = stderr or fd_sink(2)
     cleanup_stale(options.state_dir, provider.release, options.layers_dir)
     runtime, notices = select_runtime(options.runtime, options.state_dir)
-    gpu_plan = _plan_gpus(options, gpu_host) if options.gpus else None
     _check_mounts(options)
     image = provider.resolve(options.image)
     timings.mark("image_resolved")
+    gpu_plan = _plan_gpus(options, image, gpu_host) if options.gpus else None
     job = _Job(options, provider, image, runtime, timings, stdout or fd_sink(1), err, gpu_plan, spec_hook)
     job.notices += notices
     for notice in notices:
@@ -71,10 +71,10 @@ def run(options: RunOptions, provider: LowerProvider, *, stdout: Sink | None = N
                      job.paths.upper if options.keep else None, job.notices)
 
 
-def _plan_gpus(options: RunOptions, host: GpuHost | None) -> GpuPlan:
+def _plan_gpus(options: RunOptions, image: ResolvedImage, host: GpuHost | None) -> GpuPlan:
     from runner.gpu import GpuHost, plan_gpus
     assert options.gpus is not None
-    return plan_gpus(options.gpus, options.env, host or GpuHost())
+    return plan_gpus(options.gpus, options.env, image.config.env, host or GpuHost())
 
 
 def _check_mounts(options: RunOptions) -> None:

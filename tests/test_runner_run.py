@@ -209,8 +209,9 @@ def test_device_node_in_image_is_unusable(runner_env: RunnerEnv, tmp_path: Path)
     os.mknod(root / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
     env = RunnerEnv(runner_env.base, root)
     cap = env.run("sh", "-c", "head -c1 /mem || echo mem-refused; echo x > /null || echo null-refused; "
-                  "mknod /tmp/m c 1 1 && (head -c1 /tmp/m || echo made-refused)")
-    assert cap.out.splitlines() == ["mem-refused", "null-refused", "made-refused"], cap.err
+                  "mknod /tmp/m c 1 1 && (head -c1 /tmp/m || echo made-refused); "
+                  "mknod /dev/m c 1 1 && (head -c1 /dev/m || echo cgroup-refused)")
+    assert cap.out.splitlines() == ["mem-refused", "null-refused", "made-refused", "cgroup-refused"], cap.err
 
 
 def test_runtime_failure_leaves_nothing(runner_env: RunnerEnv) -> None:
