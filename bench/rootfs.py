@@ -10,32 +10,17 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from imagefs.builder.debian import apt_mirror
+
 CACHE = Path(os.environ.get("COLDSTART_BENCH_CACHE", "/var/cache/coldstart-bench"))
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 TORCH_SPEC = "torch==2.13.0"
 EXTRA_PACKAGE = "six==1.16.0"
-
-
-def apt_mirror() -> str:
-    """The Debian mirror the host's apt sources use for bookworm."""
-    texts = [Path(p).read_text() for p in glob.glob("/etc/apt/sources.list.d/*.sources") + ["/etc/apt/sources.list"]
-             if Path(p).exists()]
-    for text in texts:
-        for block in text.split("\n\n"):
-            if re.search(r"^Suites:.*\bbookworm\b", block, re.M):
-                m = re.search(r"^URIs:\s*(\S+)", block, re.M)
-                if m and "security" not in m.group(1):
-                    return m.group(1)
-        m = re.search(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+bookworm\s", text, re.M)
-        if m:
-            return m.group(1)
-    return "http://deb.debian.org/debian"
 
 
 def _run(cmd: list[str], **kw: object) -> None:

@@ -7,11 +7,13 @@ import logging
 import sys
 
 from imagefs.errors import ImageFSError
+from runner.errors import RunnerError
 
 # Modules that add sub-commands; each has register(subparsers) and sets args.func.
 COMMAND_MODULES = [
     "tools.cmd_images",
     "tools.cmd_mount",
+    "tools.cmd_run",
 ]
 
 
@@ -26,28 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _exit_code(exc: BaseException) -> int:
     """The one place where errors become exit codes."""
-    if isinstance(exc, ImageFSError):
-        return exc.exit_code
-    for mod in ("runner.errors", "snapshotter.errors"):
-        try:
-            base = importlib.import_module(mod).__dict__.get("Error")
-        except ImportError:
-            continue
-        if base is not None and isinstance(exc, base):
-            return int(getattr(exc, "exit_code", 1))
-    return 1
-
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    known: list[type[BaseException]] = [ImageFSError]
-    for mod in ("runner.errors", "snapshotter.errors"):
-        try:
-            base = importlib.import_module(mod).__dict__.get("Error")
-        except ImportError:
-            continue
-        if isinstance(base, type):
-            known.append(base)
-    return tuple(known)
+    return int(getattr(exc, "exit_code", 1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("coldstart: interrupted", file=sys.stderr)
         return 130
-    except _known_errors() as e:
+    except (ImageFSError, RunnerError) as e:
         print(f"coldstart: error: {e}", file=sys.stderr)
         return _exit_code(e)
     return int(rc or 0)

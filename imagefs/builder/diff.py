@@ -1,0 +1,114 @@
+"""Parent image -> BuildTree, and a container's overlayfs upper directory applied on top of it.
+
+Unchanged files keep their parent's extents (ExtentSource), so writing the child image uploads
+only what the step changed. In the upper directory a 0/0 character device is a whiteout (the
+name was deleted) and a directory with trusted.overlay.opaque=y replaces the lower directory.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from imagefs.importers.rootfs import node_from_stat
+from imagefs.index import ROOT_INO, ImageIndex
+from imagefs.tree import BuildTree, ExtentSource, Node
+
+OPAQUE = b"trusted.overlay.opaque"
+_PRIVATE = b"trusted.overlay."
+
+
+def tree_from_index(index: ImageIndex) -> BuildTree:
+    """A mutable copy of an image's tree whose files point at the parent's stored chunks."""
+    nodes: dict[int, Node] = {}
+
+    def node(ino: int) -> Node:
+        if ino in nodes:
+            return nodes[ino]
+        i = index.inode(ino)
+        n = Node(mode=i.mode, uid=i.uid, gid=i.gid, mtime_ns=i.mtime_ns, rdev=i.rdev, target=i.target,
+                 xattrs=dict(i.xattrs or {}))
+        if i.is_dir:
+            n.children = {}
+        elif i.is_reg:
+            ext = i.extents or []
+            pieces = tuple((index.chunks[ext[k]], ext[k + 1], ext[k + 2]) for k in range(0, len(ext), 3))
+            sizes = {index.chunks[ext[k]]: index.chunk_sizes[ext[k]] for k in range(0, len(ext), 3)}
+            n.source = ExtentSource(pieces, sizes, i.size)
+        nodes[ino] = n
+        return n
+
+    root = node(ROOT_INO)
+    for parent, names in index.children.items():
+        p = node(parent)
+        assert p.children is not None
+        for name, child in names.items():
+            p.children[name] = node(child)
+    return BuildTree(root)
+
+
+def _is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def _public(node: Node) -> Node:
+    node.xattrs = {k: v for k, v in node.xattrs.items() if not k.startswith(_PRIVATE)}
+    return node
+
+
+def apply_upper(tree: BuildTree, upper: str | os.PathLike[str]) -> int:
+    """Apply an overlayfs upper directory to tree; returns the number of changed entries."""
+    top = os.fsencode(upper)
+    links: dict[tuple[int, int], Node] = {}
+    root_st = os.lstat(top)
+    _update_dir(tree.root, _public(node_from_stat(root_st, top)))
+    return _apply_dir(tree, top, (), links)
+
+
+def _update_dir(old: Node, new: Node) -> None:
+    old.mode, old.uid, old.gid, old.mtime_ns, old.xattrs = new.mode, new.uid, new.gid, new.mtime_ns, new.xattrs
+
+
+def _apply_dir(tree: BuildTree, path: bytes, parts: tuple[bytes, ...], links: dict) -> int:  # type: ignore[type-arg]
+    changed = 0
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        st = entry.stat(follow_symlinks=False)
+        here = parts + (entry.name,)
+        changed += 1
+        if _is_whiteout(st):
+            tree.remove(here)
+            continue
+        key = (st.st_dev, st.st_ino)
+        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1 and key in links:
+            tree.put(here, links[key])
+            continue
+        new = _public(node_from_stat(st, entry.path))
+        if stat.S_ISDIR(st.st_mode):
+            changed += _apply_subdir(tree, entry.path, here, new, links)
+            continue
+        if st.st_nlink > 1:
+            links[key] = new
+        tree.put(here, new)
+    return changed
+
+
+def _apply_subdir(tree: BuildTree, path: bytes, here: tuple[bytes, ...], new: Node, links: dict) -> int:  # type: ignore[type-arg]
+    old = tree.get(here)
+    opaque = _xattr(path, OPAQUE) == b"y"
+    if old is not None and old.is_dir and not opaque:
+        _update_dir(old, new)
+    else:
+        new.opaque = True  # replaces whatever was there, children come only from the upper dir
+        tree.put(here, new)
+    return _apply_dir(tree, path, here, links)
+
+
+def _xattr(path: bytes, name: bytes) -> bytes | None:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def upper_is_empty(upper: Path) -> bool:
+    return not any(upper.iterdir())

@@ -1,0 +1,56 @@
+"""The runner's image source in production: the coldstart store, one shared FUSE mount per image.
+
+Mounts are started on demand under STATE/mounts/<image id>/mnt and shared by every container of
+that image on the host (runner.shared_mount counts holders). With linger=True (coldstart run's
+default) a mount stays up after its last container exits, so the next container of that image
+finds the kernel's caches warm; `coldstart umount --all` takes lingering mounts down.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from imagefs.fs.mounts import mount_image, unmount
+from imagefs.images import load_index, resolve
+from imagefs.store.factory import open_store
+from runner.lower import ResolvedImage, SharedMountProvider
+from runner.mounts import is_mounted
+from runner.shared_mount import SharedMounts
+
+
+class StoreResolver:
+    def __init__(self, store_url: str | None) -> None:
+        self.store_url = store_url
+
+    def __call__(self, ref: str) -> ResolvedImage:
+        with open_store(self.store_url) as store:
+            image_id = resolve(store, ref)
+            config = load_index(store, image_id).config
+        return ResolvedImage(ref, image_id, config)
+
+
+def imagefs_provider(state_dir: Path, store_url: str | None, cache_dir: str | None,
+                     cache_size: int | None = None, *, linger: bool = True) -> SharedMountProvider:
+    """A LowerProvider serving images from the store through shared lazy mounts."""
+
+    def start(key: str, mnt: Path) -> None:
+        mount_image(store_url, key, mnt, cache_dir=cache_dir, cache_size=cache_size)
+
+    def stop(key: str, mnt: Path) -> None:
+        if is_mounted(mnt):
+            unmount(mnt)
+
+    def keep(key: str, mnt: Path) -> None:
+        return None
+
+    mounts = SharedMounts(state_dir / "mounts", start, keep if linger else stop)
+    return SharedMountProvider(StoreResolver(store_url), mounts)
+
+
+def unmount_all(state_dir: Path) -> list[str]:
+    """Unmount every shared image mount under state_dir (lingering or orphaned)."""
+    done = []
+    for mnt in sorted((state_dir / "mounts").glob("*/mnt")):
+        if is_mounted(mnt):
+            unmount(mnt)
+            done.append(str(mnt))
+    return done
