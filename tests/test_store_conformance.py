@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from imagefs.errors import BlobNotFound, InvalidKey, StoreError
+from imagefs.errors import BlobNotFound, InvalidKey, StoreError, TemporaryStoreError
 from imagefs.store.base import BlobStore
 from imagefs.store.factory import open_store
 from imagefs.store.local import LocalStore
 from imagefs.store.retry import RetryingStore
+from imagefs.store.s3 import S3Store
 from tests.fixtures.seaweed import SeaweedServer
 
 BAD_KEYS: list[object] = ["", "../x", "a//b", "/abs", "a/./b", "x/..", "a/", None, 7, b"bytes"]
@@ -318,6 +319,30 @@ def test_s3_prefix_isolates_stores(s3_server: SeaweedServer, s3_bucket: str) -> 
         other.put("k", b"2")
         assert (one.get("k"), other.get("k")) == (b"1", b"2")
         assert [i.key for i in one.list()] == ["k"]
+
+
+@pytest.fixture
+def no_aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.mark.usefixtures("no_aws_credentials")
+def test_s3_dummy_credentials_with_explicit_endpoint(s3_server: SeaweedServer, s3_bucket: str) -> None:
+    with S3Store(s3_bucket, "anon", endpoint=s3_server.endpoint) as s:
+        s.put("k", b"v")
+        assert s.get("k") == b"v"
+
+
+@pytest.mark.usefixtures("no_aws_credentials")
+def test_s3_without_credentials_or_endpoint_is_a_store_error() -> None:
+    with S3Store("coldstart-no-such-bucket", region="us-east-1") as s:
+        with pytest.raises(StoreError, match="credentials") as info:
+            s.get("k")  # fails while signing, before any network traffic
+    assert not isinstance(info.value, TemporaryStoreError)
 
 
 @contextmanager

@@ -228,12 +228,12 @@ def dummy_aws(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("dummy_aws")
-@pytest.mark.parametrize("op", ["get", "put", "list"])
+@pytest.mark.parametrize("op", ["get", "put"])
 def test_closed_port_gives_store_unavailable(monkeypatch: pytest.MonkeyPatch, op: str) -> None:
     (port,) = free_ports(1)
     monkeypatch.setenv("COLDSTART_STORE_DEADLINE", "2")
     store = open_store(f"s3://nobucket/p?endpoint=http://127.0.0.1:{port}")
-    calls = {"get": lambda: store.get("k"), "put": lambda: store.put("k", b"v"), "list": lambda: list(store.list())}
+    calls = {"get": lambda: store.get("k"), "put": lambda: store.put("k", b"v")}
     start = time.monotonic()
     with pytest.raises(StoreUnavailable, match="127.0.0.1"):
         calls[op]()
@@ -245,11 +245,18 @@ def test_closed_port_gives_store_unavailable(monkeypatch: pytest.MonkeyPatch, op
 def test_s3_errors_are_mapped_without_retries() -> None:
     (port,) = free_ports(1)
     store = S3Store("nobucket", "p", endpoint=f"http://127.0.0.1:{port}", connect_timeout=1)
-    with pytest.raises(TemporaryStoreError, match="get k"):
-        store.get("k")
-    with pytest.raises(StoreError):
-        S3Store("", endpoint=f"http://127.0.0.1:{port}")
+    for call in (lambda: store.get("k"), lambda: store.exists("k"), lambda: list(store.list("x/"))):
+        with pytest.raises(TemporaryStoreError, match="127.0.0.1"):
+            call()
     store.close()
+
+
+@pytest.mark.parametrize(
+    ("bucket", "endpoint"), [("", "http://127.0.0.1:9"), ("bkt", "not a url"), ("bkt", "ftp://127.0.0.1:9/")]
+)
+def test_bad_s3_settings_are_store_errors(bucket: str, endpoint: str) -> None:
+    with pytest.raises(StoreError):
+        S3Store(bucket, endpoint=endpoint)
 
 
 def test_store_outage_and_recovery(s3_server: SeaweedServer) -> None:

@@ -84,6 +84,19 @@ def _one_line(e: BaseException) -> str:
     return text[:300]
 
 
+def _client_config(max_pool: int, connect_timeout: float, read_timeout: float) -> Config:
+    return Config(
+        max_pool_connections=max_pool,
+        retries={"total_max_attempts": 1, "mode": "standard"},  # one attempt: RetryingStore retries
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        s3={"addressing_style": "path"},
+        # Checksums only where the API demands them: many S3-compatible servers reject the rest.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+
+
 class S3Store(BlobStore):
     def __init__(
         self,
@@ -107,15 +120,7 @@ class S3Store(BlobStore):
         self.url = self._make_url(endpoint, region)
         self._bucket_lock = threading.Lock()
         self._bucket_ready = False
-        config = Config(
-            max_pool_connections=max_pool,
-            retries={"total_max_attempts": 1, "mode": "standard"},
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            s3={"addressing_style": "path"},
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
+        config = _client_config(max_pool, connect_timeout, read_timeout)
         try:
             self._client = self._make_client(endpoint, region, config)
         except (BotoCoreError, ValueError) as e:
