@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "tools.cmd_images",
     "tools.cmd_mount",
     "tools.cmd_run",
+    "tools.cmd_build",
 ]
 
 

@@ -106,19 +106,18 @@ class Builder:
         result.image = current
         return result
 
-    def _cached_or(self, i: int, total: int, label: str, parent: str, definition: dict[str, Any] | None,
+    def _cached_or(self, i: int, total: int, label: str, parent: str, definition: dict[str, Any],
                    make: Callable[[], Digest], result: BuildResult) -> Digest:
         ev = StepEvent(i, total, label)
-        key = cache_key(parent, definition) if definition is not None else None
-        hit = None if self.opts.force or key is None else self._lookup(key)
+        key = cache_key(parent, definition)
+        hit = None if self.opts.force else self._lookup(key)
         self.opts.on_event("start", ev)
         t0 = time.monotonic()
         if hit is not None:
             ev.cached, ev.image = True, hit
         else:
             ev.image = make()
-            if key is not None:
-                self._remember(key, ev.image, label)
+            self._remember(key, ev.image, label)
         ev.seconds = round(time.monotonic() - t0, 3)
         self.opts.on_event("done", ev)
         result.steps.append(ev)
@@ -206,14 +205,28 @@ class Builder:
                 self.executor.discard(run.upper)
 
 
-def _base_definition(base: Base) -> dict[str, Any] | None:
-    """Bases that name something mutable on this host are re-imported each time (cheap when
-    unchanged: nothing new is uploaded); a debootstrap or registry base is cached by definition."""
+def _base_definition(base: Base) -> dict[str, Any]:
+    """A base's cache key input. A host directory (rootfs or OCI layout) is keyed by a metadata
+    fingerprint of every entry (path, type, mode, owner, size, mtime, inode), which changes when any
+    file is replaced or edited; a registry base by its manifest digest; debootstrap by definition."""
     if base.kind in ("rootfs", "oci"):
-        return None
+        return {**base.definition(), "fingerprint": tree_fingerprint(base.ref.split(":")[0])}
     if base.kind == "registry":
         return {**base.definition(), "digest": _registry_digest(base)}
     return base.definition()
+
+
+def tree_fingerprint(top: str) -> str:
+    if not os.path.isdir(top):
+        raise SpecError(f"{top} is not a directory")
+    h = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames.sort()
+        for name in [*dirnames, *sorted(filenames)]:
+            st = os.lstat(os.path.join(dirpath, name))
+            h.append(f"{dirpath}/{name}\0{st.st_mode}\0{st.st_uid}\0{st.st_gid}\0{st.st_size}\0"
+                     f"{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}")
+    return blobs.digest_of("\n".join(h).encode())
 
 
 def _registry_digest(base: Base) -> str:
