@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.errors import UsageError
 
-DEFAULT_STATE_DIR = Path("/run/coldstart")
+DEFAULT_STATE_DIR = Path(os.environ.get("COLDSTART_RUN_DIR") or "/run/coldstart")
 DEFAULT_LAYERS_DIR = Path("/var/lib/coldstart/layers")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)([bkmgt]?)b?", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}

@@ -143,11 +143,7 @@ def test_exists(store: BlobStore) -> None:
     assert store.exists("e/x")
 
 
-def test_a_folder_is_not_a_blob(store: BlobStore, request: pytest.FixtureRequest) -> None:
-    if isinstance(store, LocalStore):
-        request.applymarker(
-            pytest.mark.xfail(strict=True, reason="LocalStore.exists is true for a directory (uses Path.exists)")
-        )
+def test_a_folder_is_not_a_blob(store: BlobStore) -> None:
     store.put("e/x", b"")
     assert not store.exists("e")
 
@@ -363,19 +359,7 @@ def unwritable(path: Path) -> Iterator[None]:
         subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
-@pytest.mark.parametrize(
-    "key",
-    [
-        "top",
-        pytest.param(
-            "chunks/" + CHUNKS[0],
-            marks=pytest.mark.xfail(
-                raises=OSError,
-                reason="LocalStore.put: the mkdir after FileNotFoundError is outside its OSError mapping",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("key", ["top", "chunks/" + CHUNKS[0]])
 def test_local_put_into_unwritable_dir_is_store_error(tmp_path: Path, key: str) -> None:
     store = open_store(f"file://{tmp_path / 'ro'}")
     with unwritable(tmp_path / "ro"):

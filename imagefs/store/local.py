@@ -53,10 +53,11 @@ class LocalStore(BlobStore):
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         try:
-            self._write_atomic(path, data)
-        except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._write_atomic(path, data)
+            try:
+                self._write_atomic(path, data)
+            except FileNotFoundError:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._write_atomic(path, data)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise StoreError(f"store disk full writing {key}") from e
@@ -84,7 +85,7 @@ class LocalStore(BlobStore):
             raise
 
     def exists(self, key: str) -> bool:
-        return self._path(key).exists()
+        return self._path(key).is_file()
 
     def delete(self, key: str) -> None:
         try:
