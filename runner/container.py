@@ -12,7 +12,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import secrets
 import shutil
 import sys
 import time
@@ -32,7 +31,7 @@ Release = Callable[[str, str], None]
 
 
 def new_container_id() -> str:
-    return ID_PREFIX + secrets.token_hex(6)
+    return ID_PREFIX + os.urandom(6).hex()
 
 
 @dataclass(frozen=True)

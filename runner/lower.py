@@ -1,7 +1,6 @@
 """The seam between the runner and whatever supplies an image's read-only root (a directory, a FUSE mount)."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -53,6 +52,7 @@ class LowerProvider(Protocol):
 
 def directory_image_id(path: Path) -> str:
     """A stable ID for a plain directory used as an image."""
+    import hashlib
     return "dir-" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import socket
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -142,7 +141,7 @@ class _Job:
         opts, config = self.options, lower.config
         user = resolve_user(lower.path, opts.user if opts.user is not None else config.user)
         edits = self.gpu_plan.edits(lower.path) if self.gpu_plan is not None else SpecEdits()
-        hostname = opts.hostname or (socket.gethostname() if opts.network == "host" else self.paths.id[-12:])
+        hostname = opts.hostname or (os.uname().nodename if opts.network == "host" else self.paths.id[-12:])
         self._write_etc_files(self.paths.rootfs, hostname)
         defaults = {"PATH": specgen.DEFAULT_PATH, "HOSTNAME": hostname, "HOME": user.home}
         return specgen.SpecInputs(

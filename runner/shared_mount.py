@@ -5,6 +5,7 @@ Layout under `root`, per key (an image ID made safe for a file name):
     <key>/lock           flock'd around every change; kept forever (removing it would race)
     <key>/key            the key itself (the image ID), for collect()
     <key>/mnt            the mount point
+    <key>/started        present from start() until stop(): stop() is owed even if the mount vanished
     <key>/holders/<name> JSON list of [pid, start_time] of the processes that keep the holder alive
 
 A holder whose processes are all dead is stale and dropped by the next acquire, release or collect; the
@@ -13,7 +14,6 @@ mount is stopped when the last live holder goes. A mount that stopped answering 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -35,6 +35,7 @@ def key_dir_name(key: str) -> str:
     name = key.replace(":", "_")
     if _SAFE.fullmatch(name) and name not in (".", ".."):
         return name
+    import hashlib
     return "h-" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
@@ -58,10 +59,10 @@ class SharedMounts:
             mnt = base / "mnt"
             cold = not self._healthy(mnt)
             if cold:
-                if is_mounted(mnt):
-                    self._stop(key, mnt)
+                self._stop_owed(key, base)
                 mnt.mkdir(exist_ok=True)
                 self._start(key, mnt)
+                (base / "started").touch()
             _write_holder(base / "holders" / holder.name, holder)
             return mnt, cold
 
@@ -90,9 +91,15 @@ class SharedMounts:
         return sorted(p.name for p in hdir.iterdir()) if hdir.is_dir() else []
 
     def _stop_if_unused(self, key: str, base: Path) -> bool:
-        if self._prune(base) or not is_mounted(base / "mnt"):
+        return not self._prune(base) and self._stop_owed(key, base)
+
+    def _stop_owed(self, key: str, base: Path) -> bool:
+        """Call stop if start ran since the last stop, or something is mounted there; True if called."""
+        started = base / "started"
+        if not started.exists() and not is_mounted(base / "mnt"):
             return False
         self._stop(key, base / "mnt")
+        started.unlink(missing_ok=True)
         return True
 
     def _prune(self, base: Path) -> int:

@@ -279,15 +279,16 @@ def test_killed_runner_and_guard_are_cleaned_by_next_run(runner_env: RunnerEnv) 
 
 
 def test_sixteen_concurrent_share_one_mount(runner_env: RunnerEnv, tmp_path: Path) -> None:
-    log = tmp_path / "mounts.log"
-    procs = [_harness(runner_env, "--shared-bind", "--mount-log", str(log), "--timings-json",
-                      str(tmp_path / f"t{i}.json"), "x:1", "--", "sh", "-c", f"echo c{i}; sleep 1.5")
-             for i in range(16)]
-    shared = []
+    log, sync = tmp_path / "mounts.log", tmp_path / "sync"
+    sync.mkdir()
+    wait_go = "i=0; while [ ! -e /sync/go ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done"
+    procs = [_harness(runner_env, "--shared-bind", "--mount-log", str(log), "--mount", f"{sync}:/sync:ro",
+                      "x:1", "--", "sh", "-c", f"echo c{i}; {wait_go}") for i in range(16)]
     try:
-        wait_for(lambda: len([m for m in _overlays(runner_env.base)]) >= 16, timeout=60, what="16 overlays")
+        wait_for(lambda: len(_overlays(runner_env.base)) >= 16, timeout=60, what="16 overlays")
         shared = [m for m in _mount_targets() if m.startswith(str(runner_env.state_dir / "mounts"))]
     finally:
+        (sync / "go").touch()
         outs = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0] * 16, [o[1][-300:] for o in outs]
     assert [o[0] for o in outs] == [f"c{i}\n".encode() for i in range(16)]

@@ -1,0 +1,178 @@
+"""Host-wide shared mounts: one mount per image, counted by live holders, restarted when broken."""
+from __future__ import annotations
+
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from runner import DirectoryProvider, ImageConfig, ResolvedImage, SharedMountProvider, SharedMounts, run
+from runner.lower import Holder, directory_image_id
+from runner.mounts import bind_mount, is_mounted, unmount
+from runner.procs import ProcessRef
+from runner.shared_mount import key_dir_name
+from tests.fixtures.runner import RunnerEnv, busybox_root, needs_runc, runner_env  # noqa: F401
+
+pytestmark = [pytest.mark.root, needs_runc]
+
+KEY = "sha256:0123abcd"
+
+
+class FakeFs:
+    """Stands in for the FUSE filesystem: a read-only bind mount of a directory, with a call log."""
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+        self.calls: list[str] = []
+        self.lock = threading.Lock()
+
+    def start(self, key: str, mnt: Path) -> None:
+        with self.lock:
+            self.calls.append(f"start {key}")
+        bind_mount(self.source, mnt, readonly=True)
+
+    def stop(self, key: str, mnt: Path) -> None:
+        with self.lock:
+            self.calls.append(f"stop {key}")
+        unmount(mnt)
+
+
+@pytest.fixture
+def fs(tmp_path: Path) -> FakeFs:
+    src = tmp_path / "image"
+    src.mkdir()
+    (src / "hello").write_text("hi\n")
+    return FakeFs(src)
+
+
+@pytest.fixture
+def mounts(tmp_path: Path, fs: FakeFs) -> SharedMounts:
+    shared = SharedMounts(tmp_path / "mounts", fs.start, fs.stop)
+    yield shared
+    for mnt in (tmp_path / "mounts").glob("*/mnt"):
+        while is_mounted(mnt):
+            unmount(mnt)
+
+
+def _me() -> tuple[ProcessRef, ...]:
+    return (ProcessRef.current(),)
+
+
+def _dead() -> tuple[ProcessRef, ...]:
+    proc = subprocess.Popen(["sleep", "30"])
+    ref = ProcessRef.of(proc.pid)
+    proc.kill()
+    proc.wait()
+    return (ref,)
+
+
+def test_one_mount_for_all_holders(mounts: SharedMounts, fs: FakeFs) -> None:
+    mnt, cold = mounts.acquire(KEY, Holder("a", _me()))
+    assert cold and (mnt / "hello").read_text() == "hi\n"
+    mnt2, cold2 = mounts.acquire(KEY, Holder("b", _me()))
+    assert (mnt2, cold2) == (mnt, False)
+    assert mounts.holders(KEY) == ["a", "b"]
+    mounts.release(KEY, "a")
+    assert is_mounted(mnt)
+    mounts.release(KEY, "b")
+    mounts.release(KEY, "b")  # idempotent
+    assert not is_mounted(mnt)
+    assert fs.calls == [f"start {KEY}", f"stop {KEY}"]
+
+
+def test_dead_holders_are_dropped(mounts: SharedMounts, fs: FakeFs) -> None:
+    mnt, _ = mounts.acquire(KEY, Holder("ghost", _dead()))
+    assert mounts.collect() == [key_dir_name(KEY)] or fs.calls[-1] == f"stop {KEY}"
+    assert not is_mounted(mnt) and mounts.holders(KEY) == []
+    mounts.acquire(KEY, Holder("ghost2", _dead()))
+    mounts.acquire(KEY, Holder("live", _me()))
+    assert mounts.holders(KEY) == ["live"]
+    assert mounts.collect() == []
+    mounts.release(KEY, "live")
+    assert fs.calls == [f"start {KEY}", f"stop {KEY}", f"start {KEY}", f"stop {KEY}"]
+
+
+def test_a_holder_lives_while_any_of_its_processes_does(mounts: SharedMounts) -> None:
+    mounts.acquire(KEY, Holder("pair", _dead() + _me()))
+    assert mounts.collect() == [] and mounts.holders(KEY) == ["pair"]
+    mounts.release(KEY, "pair")
+
+
+def test_broken_mount_is_restarted(mounts: SharedMounts, fs: FakeFs) -> None:
+    mnt, _ = mounts.acquire(KEY, Holder("a", _me()))
+    unmount(mnt)  # the filesystem died under us
+    mnt2, cold = mounts.acquire(KEY, Holder("b", _me()))
+    assert cold and mnt2 == mnt and (mnt / "hello").exists()
+    assert fs.calls == [f"start {KEY}", f"stop {KEY}", f"start {KEY}"]  # the dead one is stopped first
+    mounts.release(KEY, "a")
+    mounts.release(KEY, "b")
+
+
+def test_unhealthy_mount_is_stopped_then_started(tmp_path: Path, fs: FakeFs) -> None:
+    healthy = {"ok": True}
+    shared = SharedMounts(tmp_path / "m", fs.start, fs.stop, healthy=lambda p: healthy["ok"] and is_mounted(p))
+    shared.acquire(KEY, Holder("a", _me()))
+    healthy["ok"] = False  # mounted but answering ENOTCONN, say
+    shared.acquire(KEY, Holder("b", _me()))
+    assert fs.calls == [f"start {KEY}", f"stop {KEY}", f"start {KEY}"]
+    healthy["ok"] = True
+    shared.release(KEY, "a")
+    shared.release(KEY, "b")
+    assert not is_mounted(shared.mountpoint(KEY))
+
+
+def test_concurrent_acquires_start_once(mounts: SharedMounts, fs: FakeFs) -> None:
+    barrier = threading.Barrier(12)
+
+    def take(i: int) -> None:
+        barrier.wait()
+        mounts.acquire(KEY, Holder(f"h{i}", _me()))
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert fs.calls == [f"start {KEY}"] and len(mounts.holders(KEY)) == 12
+    for i in range(12):
+        mounts.release(KEY, f"h{i}")
+    assert fs.calls == [f"start {KEY}", f"stop {KEY}"]
+
+
+def test_key_dir_names() -> None:
+    assert key_dir_name("sha256:abc") == "sha256_abc"
+    assert key_dir_name("../x").startswith("h-") and key_dir_name("a/b").startswith("h-")
+    assert key_dir_name("..").startswith("h-")
+
+
+def test_run_survives_a_broken_mount_and_cleans_up(runner_env: RunnerEnv) -> None:
+    calls: list[str] = []
+
+    def start(key: str, mnt: Path) -> None:
+        calls.append("start")
+        bind_mount(runner_env.root, mnt, readonly=True)
+
+    def stop(key: str, mnt: Path) -> None:
+        calls.append("stop")
+        unmount(mnt)
+    shared = SharedMounts(runner_env.state_dir / "mounts", start, stop)
+    image = ResolvedImage("x:1", directory_image_id(runner_env.root), ImageConfig())
+    provider = SharedMountProvider(lambda ref: image, shared)
+    out = bytearray()
+
+    def sink(data: bytes) -> None:
+        out.extend(data)
+        if b"up" in data:
+            unmount(shared.mountpoint(image.image_id))  # the image mount breaks mid-run
+    result = run(runner_env.options("sh", "-c", "echo up; sleep 0.3; echo done"), provider,
+                 stdout=sink, stderr=lambda b: None)
+    assert result.exit_code == 0 and out == b"up\ndone\n"
+    assert result.timings["mount_cold"] is True
+    assert calls == ["start", "stop"]
+    assert not is_mounted(shared.mountpoint(image.image_id))
+
+
+def test_directory_provider_is_never_cold(runner_env: RunnerEnv) -> None:
+    result = run(runner_env.options("true"), DirectoryProvider(runner_env.root, ImageConfig()),
+                 stdout=lambda b: None, stderr=lambda b: None)
+    assert result.timings["mount_cold"] is False
