@@ -16,6 +16,10 @@ from runner.run import run
 # Files the runtime writes into every container's writable layer; like Docker, never part of an image.
 RUNTIME_FILES = ("etc/hostname", "etc/hosts", "etc/resolv.conf")
 BUILD_LAYERS = Path("/var/lib/coldstart/build-layers")
+# The step's PID 1: a shell with signal traps (an init without handlers ignores SIGINT/SIGTERM), so a
+# Ctrl-C or kill of the build, which the runner forwards, ends the step at once.
+STEP_INIT = 'trap "exit 130" INT; trap "exit 143" TERM HUP; /bin/sh -c "$1" & wait $!'
+
 
 
 class RunnerExecutor:
@@ -35,7 +39,7 @@ class RunnerExecutor:
             tail.extend(data.decode(errors="replace").splitlines())
 
         options = RunOptions(
-            image=image_id, command=["/bin/sh", "-c", script], entrypoint="",
+            image=image_id, command=["/bin/sh", "-c", STEP_INIT, "coldstart-step", script], entrypoint="",
             env=[f"{k}={v}" for k, v in env.items()], user="0:0",
             mounts=[MountSpec(Path(h), c, readonly=True) for h, c in mounts], network="host",
             keep=True, store=self.store_url, cache=self.cache_dir, state_dir=self.state_dir,

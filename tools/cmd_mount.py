@@ -8,6 +8,7 @@ from typing import Any
 
 from imagefs.fs import mounts
 from imagefs.fs.cache import parse_size
+from imagefs.fs.errors import MountError
 from tools.common import add_json_arg, add_store_arg, emit, human_bytes
 
 
@@ -25,7 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_json_arg(p)
     p.set_defaults(func=cmd_mount)
     p = sub.add_parser("umount", help="unmount an image mount and stop its daemon")
-    p.add_argument("mountpoint")
+    p.add_argument("mountpoint", nargs="?")
+    p.add_argument("--all", action="store_true",
+                   help="unmount every coldstart mount of this host (shared run mounts included)")
     p.set_defaults(func=cmd_umount)
     p = sub.add_parser("stats", help="counters of a mount: fetches, cache tiers, FUSE operations")
     p.add_argument("mountpoint")
@@ -55,8 +58,33 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    mounts.unmount(args.mountpoint)
+    if args.all == bool(args.mountpoint):
+        raise MountError("give a MOUNTPOINT or --all")
+    if args.mountpoint:
+        mounts.unmount(args.mountpoint)
+        return 0
+    for mp in _all_mounts():
+        try:
+            mounts.unmount(mp)
+        except MountError as e:
+            print(f"coldstart: {e}", file=sys.stderr)
     return 0
+
+
+def _all_mounts() -> list[str]:
+    """Every mount this host's run directory knows of (dead daemons included), and any coldstart
+    FUSE mount below the run directory (the runner's shared image mounts)."""
+    found = {str(s["mountpoint"]) for s in map(mounts.read_state, map(str, (mounts.run_dir() / "mounts").glob("*.json")))
+             if s and s.get("mountpoint")}
+    under = str(mounts.run_dir()) + "/"
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            point = fields[4].encode().decode("unicode_escape")
+            if fields[sep + 1] == "fuse.coldstart" and point.startswith(under):
+                found.add(point)
+    return sorted(found)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
