@@ -295,6 +295,9 @@ class BrokenSource:
     async def get(self, digest: Digest, size: int) -> bytes:
         raise RuntimeError("bug in a chunk source")
 
+    def peek(self, digest: Digest) -> bytes | None:
+        return None
+
     def readahead(self, chunks: Any) -> None:
         pass
 

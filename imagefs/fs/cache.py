@@ -253,10 +253,10 @@ class MemoryCache:
     def __contains__(self, digest: str) -> bool:
         return digest in self._lru
 
-    def get(self, digest: str) -> bytes | None:
+    def get(self, digest: str, *, count_miss: bool = True) -> bytes | None:
         data = self._lru.get(digest)
         if data is None:
-            self.counters.misses += 1
+            self.counters.misses += count_miss
             return None
         self._lru.move_to_end(digest)
         self.counters.hits += 1

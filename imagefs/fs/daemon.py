@@ -53,6 +53,9 @@ class DaemonConfig:
     readahead_max: int = ReadaheadPolicy().max_bytes
     limits: dict[str, int] = field(default_factory=lambda: asdict(FetchLimits()))
     trace_limit: int = DEFAULT_LIMIT
+    # How long a worker thread that finished a load may wait for the event loop to let go of
+    # the GIL (Python's default of 5 ms stalls readahead behind a busy loop).
+    switch_interval: float = 0.0005
     verbose: int = 0
 
     def to_json(self) -> str:
@@ -86,6 +89,7 @@ class Daemon:
         return sum(self.disk.path(d).exists() for d in digests), len(digests)
 
     def run(self, ready: Ready) -> None:
+        sys.setswitchinterval(self.config.switch_interval)
         cached, total = self.cached_chunks()
         pyfuse3.init(self.ops, self.config.mountpoint, mount_options(allow_other=self.config.allow_other))
         try:
@@ -103,6 +107,8 @@ class Daemon:
                 await nursery.start(control.serve, self.config.socket_path, self._handle)
                 nursery.start_soon(self._watch_signals, name="signals")
                 nursery.start_soon(self._fuse_main, nursery.cancel_scope, name="fuse-main")
+                # The first request waits for the kernel's INIT handshake, which resets readahead.
+                await trio.to_thread.run_sync(os.stat, self.config.mountpoint)
                 set_kernel_readahead(self.config.mountpoint, self.config.kernel_readahead_kb)
                 self._write_state()
                 ready({"ok": True, "pid": os.getpid(), "image": self.config.image_id, **info})

@@ -33,10 +33,11 @@ KINDS = (DEMAND, READAHEAD, PREFETCH)
 @dataclass(frozen=True)
 class FetchLimits:
     store: int = 16  # concurrent store requests (all kinds together)
-    readahead_workers: int = 4
+    readahead_workers: int = 8
     prefetch_workers: int = 2
     disk: int = 8  # concurrent host-cache reads
     writers: int = 2  # concurrent host-cache writes
+    drain_timeout: float = 10.0  # seconds pending host-cache writes may take at shutdown
 
 
 @dataclass
@@ -93,23 +94,32 @@ class ChunkFetcher:
         self._queued: set[str] = set()
         self._wakeups: dict[str, trio.Event] = {READAHEAD: trio.Event(), PREFETCH: trio.Event()}
         self._nursery: trio.Nursery | None = None
+        self._writes: trio.Nursery | None = None
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator["ChunkFetcher"]:
-        """Run the background workers; on exit they are cancelled."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            for kind, count in ((READAHEAD, self.limits.readahead_workers),
-                                (PREFETCH, self.limits.prefetch_workers)):
-                for i in range(count):
-                    nursery.start_soon(self._worker, kind, name=f"fetch-{kind}-{i}")
+        """Run the background workers; on exit they are cancelled and host-cache writes drained."""
+        async with trio.open_nursery() as writes:
             try:
-                yield self
+                async with trio.open_nursery() as nursery:
+                    self._nursery, self._writes = nursery, writes
+                    for kind, count in ((READAHEAD, self.limits.readahead_workers),
+                                        (PREFETCH, self.limits.prefetch_workers)):
+                        for i in range(count):
+                            nursery.start_soon(self._worker, kind, name=f"fetch-{kind}-{i}")
+                    try:
+                        yield self
+                    finally:
+                        nursery.cancel_scope.cancel()
             finally:
-                nursery.cancel_scope.cancel()
-                self._nursery = None
+                self._nursery = self._writes = None
+                writes.cancel_scope.deadline = trio.current_time() + self.limits.drain_timeout
 
     # -- demand --------------------------------------------------------------------------------
+    def peek(self, digest: Digest) -> bytes | None:
+        """The content if the memory tier has it (a miss here is counted by the get that follows)."""
+        return self.memory.get(digest, count_miss=False)
+
     async def get(self, digest: Digest, size: int) -> bytes:
         """The verified content of a chunk; ChunkUnavailable if it cannot be had."""
         data = self.memory.get(digest)
@@ -134,7 +144,7 @@ class ChunkFetcher:
         return flight
 
     async def _load(self, digest: Digest, size: int, kind: str, flight: _Flight) -> None:
-        from_store = False
+        from_store = False  # only chunks from the store are written to the host cache
         try:
             data = await self._from_disk(digest, size)
             if data is None:
@@ -152,8 +162,8 @@ class ChunkFetcher:
         finally:
             del self._inflight[digest]
             flight.done.set()
-        if from_store and flight.data is not None:
-            await self._write_back(digest, flight.data)
+        if from_store and flight.data is not None and self._writes is not None:
+            self._writes.start_soon(self._write_back, digest, flight.data, name=f"cache-{digest[:12]}")
 
     async def _write_back(self, digest: Digest, data: bytes) -> None:
         if self.disk is None:

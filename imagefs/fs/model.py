@@ -30,6 +30,9 @@ class ChunkSource(Protocol):
 
     async def get(self, digest: Digest, size: int) -> bytes: ...
 
+    def peek(self, digest: Digest) -> bytes | None:
+        """The content if it is at hand (in memory) right now, without waiting."""
+
     def readahead(self, chunks: Sequence[tuple[Digest, int]]) -> None:
         """Start fetching these chunks in the background, if not already there."""
 
@@ -70,7 +73,7 @@ class ReadaheadPolicy:
     """Sequential readers get a window that doubles from min_bytes up to max_bytes; others none."""
 
     min_bytes: int = 256 * 1024
-    max_bytes: int = 8 * 1024 * 1024
+    max_bytes: int = 32 * 1024 * 1024
     slack: int = 256 * 1024  # how far a read may start from the previous end and still count
 
     def window(self, streak: int) -> int:
@@ -214,22 +217,26 @@ class ImageFS:
         data = await self._fetch(pieces)
         if len(pieces) == 1:
             p = pieces[0]
-            return memoryview(data[0])[p.offset:p.offset + p.length]
-        return b"".join(memoryview(d)[p.offset:p.offset + p.length] for d, p in zip(data, pieces))
+            return memoryview(data[0])[p.offset:p.offset + p.length]  # type: ignore[arg-type]
+        return b"".join(memoryview(d)[p.offset:p.offset + p.length]  # type: ignore[arg-type]
+                        for d, p in zip(data, pieces))
 
-    async def _fetch(self, pieces: list[Piece]) -> list[bytes]:
+    async def _fetch(self, pieces: list[Piece]) -> list[bytes | None]:
+        """The chunks of the pieces: those in memory at once, the others loaded concurrently."""
         chunks, sizes = self.index.chunks, self.index.chunk_sizes
-        if len(pieces) == 1:
-            c = pieces[0].chunk
-            return [await self.source.get(chunks[c], sizes[c])]
-        out: list[bytes] = [b""] * len(pieces)
+        out = [self.source.peek(chunks[p.chunk]) for p in pieces]
+        missing = [i for i, data in enumerate(out) if data is None]
+        if len(missing) == 1:
+            c = pieces[missing[0]].chunk
+            out[missing[0]] = await self.source.get(chunks[c], sizes[c])
+        elif missing:
+            async def one(i: int) -> None:
+                c = pieces[i].chunk
+                out[i] = await self.source.get(chunks[c], sizes[c])
 
-        async def one(i: int, c: int) -> None:
-            out[i] = await self.source.get(chunks[c], sizes[c])
-
-        async with trio.open_nursery() as nursery:
-            for i, p in enumerate(pieces):
-                nursery.start_soon(one, i, p.chunk)
+            async with trio.open_nursery() as nursery:
+                for i in missing:
+                    nursery.start_soon(one, i)
         return out
 
     def _note_read(self, handle: OpenFile, pieces: list[Piece], offset: int, size: int) -> None:

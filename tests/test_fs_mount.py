@@ -1,0 +1,204 @@
+"""Real mounts through the kernel: the whole tree, Python in a chroot, caching, the CLI."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imagefs.errors import ImageNotFound
+from imagefs.fs import mounts
+from imagefs.fs.errors import MountError
+from imagefs.images import Ref, set_tag
+from imagefs.store.local import LocalStore
+from tests.fixtures.mount import Mounter, make_python_root, store_image
+from tests.test_fs_ops import make_tree
+from tests.treecmp import diff, snapshot
+
+pytestmark = pytest.mark.root
+SYSTEM_PYTHON = "/usr/bin/python3.11"  # other users cannot run the venv under /root
+
+
+@pytest.fixture(scope="module")
+def rich_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LocalStore, str]:
+    base = tmp_path_factory.mktemp("mount-rich")
+    src = make_tree(base / "src")
+    store = LocalStore(base / "store", fsync=False)
+    return src, store, store_image(store, src)
+
+
+@pytest.fixture(scope="module")
+def python_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LocalStore, str]:
+    base = tmp_path_factory.mktemp("mount-python")
+    src = make_python_root(base / "src")
+    store = LocalStore(base / "store", fsync=False)
+    return src, store, store_image(store, src)
+
+
+def fuse_ops(mp: str) -> dict[str, int]:
+    return {name: o["count"] for name, o in mounts.read_stats(mp)["fuse"]["ops"].items()}
+
+
+def test_mounted_tree_matches_source(mounter: Mounter, rich_image: tuple[Path, LocalStore, str]) -> None:
+    src, store, image_id = rich_image
+    info = mounter.mount(store.url, image_id)
+    assert info.cache_cold and info.total_chunks > 0
+    assert mounts.mount_type(info.mountpoint) == "fuse.coldstart"
+    want, got = snapshot(src), snapshot(info.mountpoint)
+    assert not diff(want, got)
+    assert len(got) == len(want) > 300
+    st = os.lstat(Path(info.mountpoint, "bin/busybox"))
+    assert st.st_ino == os.lstat(Path(info.mountpoint, "bin/sh")).st_ino and st.st_nlink == 2
+    assert Path(info.mountpoint, "tmp/sock").is_socket() and Path(info.mountpoint, "dev/fifo").is_fifo()
+
+
+def test_python_imports_in_a_chroot(mounter: Mounter,
+                                    python_image: tuple[Path, LocalStore, str]) -> None:
+    _src, store, image_id = python_image
+    info = mounter.mount(store.url, image_id)
+    code = "import json, sqlite3, decimal, asyncio, ssl, email.parser, ctypes; print(json.dumps([1]))"
+    res = subprocess.run(["chroot", info.mountpoint, "/usr/bin/python3.11", "-c", code],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[1]"
+    stats = mounts.read_stats(info.mountpoint)
+    assert stats["fetch"]["errors"] == 0 and stats["fetch"]["chunks_fetched"] > 0
+    trace = mounts.read_trace(info.mountpoint)
+    paths = [e["path"] for e in trace if e["kind"] == "file"]
+    assert "/usr/bin/python3.11" in paths and any(p.endswith("/json/__init__.py") or
+                                                  "json/__pycache__" in p for p in paths)
+
+
+def test_kernel_caches_entries_attributes_and_pages(mounter: Mounter,
+                                                    rich_image: tuple[Path, LocalStore, str]) -> None:
+    src, store, image_id = rich_image
+    mp = mounter.mount(store.url, image_id).mountpoint
+    target = Path(mp, "big.bin")
+    assert target.read_bytes() == (src / "big.bin").read_bytes()
+    assert not Path(mp, "etc/missing").exists()
+    before = fuse_ops(mp)
+    for _ in range(3):
+        assert target.read_bytes() == (src / "big.bin").read_bytes()
+        assert not Path(mp, "etc/missing").exists()
+        os.stat(Path(mp, "etc/passwd"))
+    after = fuse_ops(mp)
+    assert after.get("read") == before.get("read")
+    assert after.get("lookup") == before.get("lookup") + 1  # etc/passwd: first time
+    assert after.get("getattr", 0) == before.get("getattr", 0)
+
+
+def test_writes_fail_with_erofs(mounter: Mounter, rich_image: tuple[Path, LocalStore, str]) -> None:
+    _src, store, image_id = rich_image
+    mp = Path(mounter.mount(store.url, image_id).mountpoint)
+    for action in (lambda: open(mp / "etc/passwd", "a"), lambda: (mp / "new").mkdir(),
+                   lambda: (mp / "empty").unlink(), lambda: os.chmod(mp / "empty", 0o777),
+                   lambda: os.setxattr(mp / "empty", "user.x", b"1")):
+        with pytest.raises(OSError) as exc:
+            action()
+        assert exc.value.errno == errno.EROFS
+
+
+def test_other_users_read_with_kernel_permission_checks(
+        mounter: Mounter, rich_image: tuple[Path, LocalStore, str]) -> None:
+    src, store, image_id = rich_image
+    mp = mounter.mount(store.url, image_id).mountpoint
+    script = ("import sys\nprint(open(sys.argv[1]).read().splitlines()[0])\n"
+              "try:\n    open(sys.argv[2], 'rb')\nexcept PermissionError:\n    print('denied')\n")
+    res = subprocess.run([SYSTEM_PYTHON, "-c", script, f"{mp}/etc/passwd", f"{mp}/home/data.txt"],
+                         user=2000, group=2000, extra_groups=[], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [(src / "etc/passwd").read_text().split()[0], "denied"]
+    owner = subprocess.run([SYSTEM_PYTHON, "-c", f"open('{mp}/home/data.txt', 'rb').read()"],
+                           user=1000, group=1000, extra_groups=[], capture_output=True)
+    assert owner.returncode == 0
+
+
+def test_mount_by_tag_and_errors(mounter: Mounter, rich_image: tuple[Path, LocalStore, str]) -> None:
+    _src, store, image_id = rich_image
+    set_tag(store, Ref("rich", "v1"), image_id)  # type: ignore[arg-type]
+    info = mounter.mount(store.url, "rich:v1")
+    assert info.image_id == image_id
+    with pytest.raises(MountError, match="already mounted"):
+        mounts.mount_image(store.url, "rich:v1", info.mountpoint)
+    with pytest.raises(ImageNotFound):
+        mounter.mount(store.url, "rich:nope")
+    with pytest.raises(MountError, match="not mounted"):
+        mounts.unmount(mounter.mountpoint())
+
+
+def test_unmount_removes_state_and_stops_the_daemon(
+        mounter: Mounter, rich_image: tuple[Path, LocalStore, str]) -> None:
+    _src, store, image_id = rich_image
+    info = mounter.mount(store.url, image_id)
+    assert mounts.daemon_alive(info.pid) and os.path.exists(info.state_path)
+    assert [m["mountpoint"] for m in mounts.list_mounts()] == [info.mountpoint]
+    mounter.unmount(info)
+    assert not mounts.is_mounted(info.mountpoint)
+    assert not mounts.daemon_alive(info.pid)
+    assert not os.path.exists(info.state_path) and not os.path.exists(info.socket_path)
+
+
+def test_busy_mount_is_detached_lazily(mounter: Mounter,
+                                       rich_image: tuple[Path, LocalStore, str]) -> None:
+    src, store, image_id = rich_image
+    info = mounter.mount(store.url, image_id)
+    with open(Path(info.mountpoint, "etc/passwd"), "rb") as busy:
+        mounts.unmount(info.mountpoint, timeout=0.5)
+        assert not mounts.is_mounted(info.mountpoint)
+        assert busy.read() == (src / "etc/passwd").read_bytes()  # still served to its holder
+    mounter.mounted.clear()
+    deadline_ok = mounts._wait_exit(info.pid, 10.0)
+    assert deadline_ok, "daemon did not exit after the last file was closed"
+
+
+def coldstart(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tools.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_cli_mount_stats_umount(mounter: Mounter, rich_image: tuple[Path, LocalStore, str]) -> None:
+    src, store, image_id = rich_image
+    mp = mounter.mountpoint()
+    res = coldstart("mount", image_id, str(mp), "--store", store.url, "--cache",
+                    str(mounter.base / "clicache"), "--cache-size", "100M", "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["mountpoint"] == str(mp) and doc["cached_chunks"] == 0
+    assert (mp / "etc/passwd").read_bytes() == (src / "etc/passwd").read_bytes()
+    stats = coldstart("stats", str(mp), "--json")
+    assert stats.returncode == 0, stats.stderr
+    s = json.loads(stats.stdout)
+    assert s["fetch"]["disk"]["max_bytes"] == 100 << 20 and s["fuse"]["ops"]["read"]["count"] >= 1
+    human = coldstart("stats", str(mp))
+    assert "host" in human.stdout and "p99 us" in human.stdout
+    trace = json.loads(coldstart("stats", str(mp), "--trace").stdout)
+    assert {"kind": "file", "path": "/etc/passwd"}.items() <= trace[0].items()
+    res = coldstart("umount", str(mp))
+    assert res.returncode == 0, res.stderr
+    assert not mounts.is_mounted(str(mp))
+    res = coldstart("stats", str(mp))
+    assert res.returncode != 0 and "no running coldstart mount" in res.stderr
+
+
+def test_cli_mount_foreground(mounter: Mounter, rich_image: tuple[Path, LocalStore, str]) -> None:
+    src, store, image_id = rich_image
+    mp = mounter.mountpoint()
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "mount", image_id, str(mp),
+                             "--store", store.url, "--foreground"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("mounted ")
+        assert (mp / "etc/group").read_bytes() == (src / "etc/group").read_bytes()
+        assert coldstart("umount", str(mp)).returncode == 0
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
