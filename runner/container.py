@@ -34,7 +34,7 @@ def new_container_id() -> str:
     return ID_PREFIX + os.urandom(6).hex()
 
 
-@dataclass(frozen=True)
+@dataclass
 class ContainerPaths:
     id: str
     state: Path
@@ -69,7 +69,7 @@ class ContainerPaths:
         return self.layer / "work"
 
 
-@dataclass(frozen=True)
+@dataclass
 class OwnerRecord:
     owners: list[ProcessRef]
     runtime: Runtime

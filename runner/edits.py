@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass(frozen=True)
+@dataclass
 class DeviceNode:
     """A device node created in the container's /dev and allowed in the device cgroup."""
 
@@ -18,7 +18,7 @@ class DeviceNode:
     gid: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass
 class BindMount:
     host_path: str
     container_path: str

@@ -9,7 +9,7 @@ from runner.config import ImageConfigLike
 from runner.procs import ProcessRef
 
 
-@dataclass(frozen=True)
+@dataclass
 class ResolvedImage:
     """An image reference resolved to an image ID and its config; nothing is mounted yet."""
 
@@ -18,7 +18,7 @@ class ResolvedImage:
     config: ImageConfigLike
 
 
-@dataclass(frozen=True)
+@dataclass
 class Holder:
     """Who uses a lower: a container ID and the processes whose life keeps the reference valid."""
 
@@ -26,7 +26,7 @@ class Holder:
     pids: tuple[ProcessRef, ...]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Lower:
     """A mounted, read-only image root ready to be an overlay's lowerdir."""
 

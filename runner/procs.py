@@ -23,7 +23,7 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
-@dataclass(frozen=True)
+@dataclass
 class ProcessRef:
     """A process named by PID and start time, so a recycled PID is not mistaken for it."""
 

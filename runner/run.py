@@ -5,6 +5,7 @@ import json
 import os
 import resource
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 SpecHook = Callable[[dict[str, object]], None]
 
 
-@dataclass(frozen=True)
+@dataclass
 class RunResult:
     exit_code: int
     container_id: str
@@ -103,6 +104,7 @@ class _Job:
         self.notices: list[str] = []
         self.router = SignalRouter()
         self._exit_code: int | None = None
+        self._init_pid: int | None = None
 
     def run(self) -> int:
         become_subreaper()
@@ -185,13 +187,14 @@ class _Job:
             mark_crun_unusable(self.options.state_dir, self.runtime, message.strip() or "crun create failed")
             self._notice(f"crun failed ({message.strip()}); falling back to runc")
             self.runtime, _ = select_runtime("runc", self.options.state_dir)
-            prepare_record = OwnerRecord(record.owners, self.runtime, record.image_id, record.layer, record.keep)
-            self.paths.owner.write_text(prepare_record.to_json())
+            record = OwnerRecord(record.owners, self.runtime, record.image_id, record.layer, record.keep)
+            self.paths.owner.write_text(record.to_json())
             code, message = self._create_once(guard, out_w, err_w, readers)
         if code != 0:
             raise ContainerStartError(f"{self.runtime.name} create failed: {message.strip()}", _start_exit_code(message))
         self.timings.mark("runc_create")
-        return int(self.paths.pid_file.read_text())
+        self._init_pid = int(self.paths.pid_file.read_text())
+        return self._init_pid
 
     def _create_once(self, guard: Guard, out_w: int, err_w: int, readers: tuple[int, int]) -> tuple[int, str]:
         stdin = 0 if self.options.interactive else subprocess.DEVNULL
@@ -241,6 +244,8 @@ class _Job:
         problems = self._guard_teardown()
         for problem in problems:
             self._notice(f"cleanup: {problem}")
+        if self._init_pid is not None and self._exit_code is None:
+            _reap_killed(self._init_pid)
 
     def _guard_teardown(self) -> list[str]:
         problems = []
@@ -250,6 +255,18 @@ class _Job:
         problems += teardown(self.paths, runtimes[0], self.options.keep,
                              lambda: self.provider.release(self.image.image_id, self.paths.id))
         return problems
+
+
+def _reap_killed(pid: int) -> None:
+    """Collect the container's init after a failed start (the runtime killed it) so no zombie stays."""
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            return
+        time.sleep(0.01)
 
 
 def _nofile() -> int:

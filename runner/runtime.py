@@ -1,7 +1,6 @@
 """The OCI runtime binary (runc, or crun where it works) and its lifecycle commands."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ from runner.errors import RuntimeUnavailable
 _HYBRID_REASON = "crun does not support this host's hybrid cgroups (controllers on both v1 and v2)"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Runtime:
     """A runtime binary; `root` is its state directory (None: the runtime's default)."""
 
@@ -30,11 +29,6 @@ class Runtime:
     def delete(self, container_id: str) -> None:
         """Kill (if running) and delete the container; no error if it does not exist."""
         subprocess.run(self.argv("delete", "--force", container_id), capture_output=True, check=False)
-
-    def list_ids(self) -> list[str]:
-        out = subprocess.run(self.argv("list", "--format", "json"), capture_output=True, check=False)
-        entries = json.loads(out.stdout or b"null") or []
-        return [str(e["id"]) for e in entries]
 
     def to_json(self) -> dict[str, str | None]:
         return {"name": self.name, "path": self.path, "root": self.root}

@@ -37,7 +37,7 @@ _DEFAULT_DEVICE_RULES: tuple[dict[str, object], ...] = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass
 class SpecInputs:
     """Everything build_spec needs, already resolved against the image and the host."""
 

@@ -10,7 +10,7 @@ from runner.errors import UserNotFound
 _MAX_LINKS = 40
 
 
-@dataclass(frozen=True)
+@dataclass
 class ResolvedUser:
     uid: int
     gid: int
