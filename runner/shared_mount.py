@@ -9,7 +9,9 @@ Layout under `root`, per key (an image ID made safe for a file name):
     <key>/holders/<name> JSON list of [pid, start_time] of the processes that keep the holder alive
 
 A holder whose processes are all dead is stale and dropped by the next acquire, release or collect; the
-mount is stopped when the last live holder goes. A mount that stopped answering is restarted on acquire.
+mount is stopped when the last live holder goes (with linger=True it stays up, warm for the next
+container, until collect(lingering=True)). A mount that stopped answering is stopped and restarted on
+acquire.
 """
 from __future__ import annotations
 
@@ -43,11 +45,12 @@ class SharedMounts:
     """Reference-counted shared mounts; safe across threads and processes on one host."""
 
     def __init__(self, root: Path, start: MountAction, stop: MountAction,
-                 healthy: Callable[[Path], bool] = mount_healthy) -> None:
+                 healthy: Callable[[Path], bool] = mount_healthy, linger: bool = False) -> None:
         self.root = root
         self._start = start
         self._stop = stop
         self._healthy = healthy
+        self.linger = linger
 
     def mountpoint(self, key: str) -> Path:
         return self.root / key_dir_name(key) / "mnt"
@@ -73,10 +76,20 @@ class SharedMounts:
             return
         with self._locked(key) as base:
             (base / "holders" / holder_name).unlink(missing_ok=True)
-            self._stop_if_unused(key, base)
+            if self.linger:
+                self._prune(base)
+            else:
+                self._stop_if_unused(key, base)
 
-    def collect(self) -> list[str]:
-        """Drop stale holders everywhere and stop mounts nobody holds; returns the keys stopped."""
+    def collect(self, lingering: bool = False) -> list[str]:
+        """Drop stale holders everywhere and stop mounts nobody holds; returns the keys stopped.
+
+        Lingering mounts (linger=True) are stopped only when `lingering` is set.
+        """
+        if self.linger and not lingering:
+            for lock in sorted(self.root.glob("*/lock")):
+                self._prune(lock.parent)
+            return []
         stopped = []
         for lock in sorted(self.root.glob("*/lock")):
             key_file = lock.parent / "key"
