@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import subprocess
 import time
@@ -289,12 +290,11 @@ def _read_available(fds: tuple[int, ...]) -> str:
 
 
 def _start_exit_code(message: str) -> int:
-    """Docker's convention: 127 for a command not found, 126 for one that cannot be run."""
-    lowered = message.lower()
-    if "executable file not found" in lowered or "no such file or directory" in lowered:
+    """Docker's convention: 127 for a command not found, 126 for one that cannot be run, else 125."""
+    match = re.search(r'exec: \\?".*?\\?": (.*)', message)  # runc's log escapes the quotes
+    if match is None:
+        return 125
+    reason = match.group(1).lower()
+    if "executable file not found" in reason or "no such file or directory" in reason:
         return 127
-    if "permission denied" in lowered:
-        return 126
-    return 125
-
-
+    return 126 if "permission denied" in reason else 125

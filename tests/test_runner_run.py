@@ -115,6 +115,12 @@ def test_missing_command_is_127(runner_env: RunnerEnv) -> None:
     assert info.value.exit_code == 127
 
 
+def test_command_that_cannot_run_is_126(runner_env: RunnerEnv) -> None:
+    with pytest.raises(ContainerStartError) as info:
+        runner_env.run("/etc/passwd")
+    assert info.value.exit_code == 126
+
+
 def test_bind_mounts_ro_and_rw(runner_env: RunnerEnv, tmp_path: Path) -> None:
     ro, rw = tmp_path / "ro", tmp_path / "rw"
     ro.mkdir()
