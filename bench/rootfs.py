@@ -80,7 +80,27 @@ def build_torch_plus() -> Path:
     return _derive("torch-plus", build_torch(), EXTRA_PACKAGE)
 
 
-BUILDERS = {"base": build_base, "torch": build_torch, "torch-plus": build_torch_plus}
+def build_busybox() -> Path:
+    """busybox-static with its applet links and minimal /etc: the smallest useful image."""
+    dest = CACHE / "busybox"
+    if dest.exists():
+        return dest
+    tmp = CACHE / "busybox.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for d in ("bin", "etc", "tmp", "root"):
+        (tmp / d).mkdir(parents=True)
+    os.chmod(tmp / "tmp", 0o1777)
+    shutil.copy2("/bin/busybox", tmp / "bin/busybox")
+    applets = subprocess.run(["/bin/busybox", "--list"], capture_output=True, text=True, check=True).stdout.split()
+    for applet in applets:
+        if applet != "busybox":
+            (tmp / "bin" / applet).symlink_to("busybox")
+    (tmp / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n")
+    (tmp / "etc/group").write_text("root:x:0:\nnogroup:x:65534:\n")
+    return _finish(tmp, dest)
+
+
+BUILDERS = {"busybox": build_busybox, "base": build_base, "torch": build_torch, "torch-plus": build_torch_plus}
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "tools.cmd_mount",
     "tools.cmd_run",
     "tools.cmd_build",
+    "tools.cmd_bench",
 ]
 
 
