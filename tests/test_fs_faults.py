@@ -163,7 +163,7 @@ def test_kill_9_then_umount_and_mount_again(mounter: Mounter, rich_src: Path, tm
     assert mounts._wait_exit(info.pid, 10.0)
     with pytest.raises(OSError) as exc:
         os.stat(mp / "etc/group")
-    assert exc.value.errno == errno.ENOTCONN
+    assert exc.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     mounts.unmount(mp)
     assert not mounts.is_mounted(str(mp))
     again = mounter.mount(store.url, image_id, mountpoint=mp)
