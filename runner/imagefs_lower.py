@@ -39,10 +39,7 @@ def imagefs_provider(state_dir: Path, store_url: str | None, cache_dir: str | No
         if is_mounted(mnt):
             unmount(mnt)
 
-    def keep(key: str, mnt: Path) -> None:
-        return None
-
-    mounts = SharedMounts(state_dir / "mounts", start, keep if linger else stop)
+    mounts = SharedMounts(state_dir / "mounts", start, stop, linger=linger)
     return SharedMountProvider(StoreResolver(store_url), mounts)
 
 
