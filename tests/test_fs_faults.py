@@ -173,6 +173,12 @@ def test_kill_9_then_umount_and_mount_again(mounter: Mounter, rich_src: Path, tm
     third = mounter.mount(store.url, image_id, mountpoint=mp)
     assert third.pid != again.pid
     assert (mp / "etc/group").read_bytes() == (rich_src / "etc/group").read_bytes()
+    os.kill(third.pid, signal.SIGKILL)  # even when its state file is gone too
+    assert mounts._wait_exit(third.pid, 10.0)
+    os.unlink(third.state_path)
+    fourth = mounter.mount(store.url, image_id, mountpoint=mp)
+    assert (mp / "etc/passwd").read_bytes() == (rich_src / "etc/passwd").read_bytes()
+    assert mounts.daemon_alive(fourth.pid)
 
 
 HASH_ALL = """

@@ -199,7 +199,14 @@ def unescape_mount_path(text: str) -> str:
 
 
 def _ready_writer(fd: int) -> Ready:
+    """Write the readiness message once, then close the fd (a later failure is only logged)."""
+    sent = False
+
     def ready(doc: dict[str, Any]) -> None:
+        nonlocal sent
+        if sent:
+            return
+        sent = True
         try:
             os.write(fd, json.dumps(doc).encode() + b"\n")
             os.close(fd)

@@ -7,6 +7,7 @@ mount whose daemon may be dead).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -16,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,13 +146,30 @@ def _clear_stale(mp: str, paths: MountPaths) -> None:
     mounted = is_mounted(mp)
     if alive and mounted:
         raise MountError(f"{mp} is already mounted (daemon pid {state['pid']})")  # type: ignore[index]
-    if mounted and state is None:
+    if mounted and state is None and not (mount_type(mp) == FSTYPE and mount_is_dead(mp)):
         raise MountError(f"{mp} is already a mount point")
+    if mounted and not alive:
+        log.warning("detaching the dead coldstart mount at %s", mp)
+        _umount(mp, lazy=True)
     if state is not None and not alive:
-        log.warning("cleaning up after the dead mount daemon of %s", mp)
-        if mounted:
-            _umount(mp, lazy=True)
         _remove(paths.state, paths.socket)
+
+
+def mount_is_dead(mp: str, timeout: float = 2.0) -> bool:
+    """Whether the FUSE mount at mp has lost its daemon (ENOTCONN), without hanging on a live one."""
+    result: list[int] = []
+
+    def probe() -> None:  # a name never looked up, so the kernel has to ask the daemon
+        try:
+            os.stat(os.path.join(mp, f".coldstart-probe-{os.urandom(8).hex()}"))
+            result.append(0)
+        except OSError as e:
+            result.append(e.errno or 0)
+
+    thread = threading.Thread(target=probe, daemon=True, name="mount-probe")
+    thread.start()
+    thread.join(timeout)
+    return bool(result) and result[0] in (errno.ENOTCONN, errno.ECONNABORTED)
 
 
 def _spawn(config: DaemonConfig, timeout: float) -> dict[str, Any]:
