@@ -97,6 +97,16 @@ def resolve(store: BlobStore, text: str) -> Digest:
     return Digest(read_tag(store, parse_ref(text))["image"])
 
 
+def tag_profile(store: BlobStore, text: str) -> str:
+    """The start-up profile linked from a NAME:TAG (empty for IDs and tags without one)."""
+    if blobs.is_digest(text) or re.fullmatch(r"[0-9a-f]{12,63}", text):
+        return ""
+    try:
+        return str(read_tag(store, parse_ref(text)).get("profile") or "")
+    except (ImageNotFound, InvalidReference):
+        return ""
+
+
 def load_index(store: BlobStore, image_id: str) -> ImageIndex:
     try:
         blob = store.get(blobs.index_key(image_id))

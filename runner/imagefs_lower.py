@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from imagefs.fs.mounts import mount_image, unmount
-from imagefs.images import load_index, resolve
+from imagefs.images import load_index, resolve, tag_profile
 from imagefs.store.factory import open_store
 from runner.lower import ResolvedImage, SharedMountProvider
 from runner.mounts import is_mounted
@@ -18,29 +18,39 @@ from runner.shared_mount import SharedMounts
 
 
 class StoreResolver:
-    def __init__(self, store_url: str | None) -> None:
+    """NAME:TAG or ID -> image ID and config; remembers the tag's start-up profile for the mount."""
+
+    def __init__(self, store_url: str | None, prefetch: bool = True) -> None:
         self.store_url = store_url
+        self.prefetch = prefetch
+        self.profiles: dict[str, str] = {}
 
     def __call__(self, ref: str) -> ResolvedImage:
         with open_store(self.store_url) as store:
             image_id = resolve(store, ref)
             config = load_index(store, image_id).config
+            if self.prefetch:
+                self.profiles[image_id] = tag_profile(store, ref)
         return ResolvedImage(ref, image_id, config)
 
 
 def imagefs_provider(state_dir: Path, store_url: str | None, cache_dir: str | None,
-                     cache_size: int | None = None, *, linger: bool = True) -> SharedMountProvider:
-    """A LowerProvider serving images from the store through shared lazy mounts."""
+                     cache_size: int | None = None, *, linger: bool = True,
+                     prefetch: bool = True) -> SharedMountProvider:
+    """A LowerProvider serving images from the store through shared lazy mounts. With prefetch,
+    a mount started for a tag that has a start-up profile streams the profile's chunks."""
+    resolver = StoreResolver(store_url, prefetch)
 
     def start(key: str, mnt: Path) -> None:
-        mount_image(store_url, key, mnt, cache_dir=cache_dir, cache_size=cache_size)
+        mount_image(store_url, key, mnt, cache_dir=cache_dir, cache_size=cache_size,
+                    profile=resolver.profiles.get(key, ""))
 
     def stop(key: str, mnt: Path) -> None:
         if is_mounted(mnt):
             unmount(mnt)
 
     mounts = SharedMounts(state_dir / "mounts", start, stop, linger=linger)
-    return SharedMountProvider(StoreResolver(store_url), mounts)
+    return SharedMountProvider(resolver, mounts)
 
 
 def unmount_all(state_dir: Path) -> list[str]:

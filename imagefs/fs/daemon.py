@@ -56,6 +56,7 @@ class DaemonConfig:
     # How long a worker thread that finished a load may wait for the event loop to let go of
     # the GIL (Python's default of 5 ms stalls readahead behind a busy loop).
     switch_interval: float = 0.0005
+    profile: str = ""  # digest of a start-up profile to prefetch after the mount is ready
     verbose: int = 0
 
     def to_json(self) -> str:
@@ -112,7 +113,22 @@ class Daemon:
                 set_kernel_readahead(self.config.mountpoint, self.config.kernel_readahead_kb)
                 self._write_state()
                 ready({"ok": True, "pid": os.getpid(), "image": self.config.image_id, **info})
+                if self.config.profile:
+                    nursery.start_soon(self._replay_profile, name="prefetch-profile")
                 log.info("serving image %s at %s", self.config.image_id, self.config.mountpoint)
+
+    async def _replay_profile(self) -> None:
+        """Queue the profile's chunks for prefetch, in order; demand reads keep priority."""
+        from imagefs import profile as profiles
+
+        try:
+            prof = await trio.to_thread.run_sync(profiles.load, self.store, self.config.profile)
+        except ImageFSError as e:
+            log.warning("no prefetch: %s", e)
+            return
+        chunks = profiles.chunks_to_prefetch(prof, self.index, self.config.image_id)
+        self.fetcher.prefetch(chunks)
+        log.info("prefetching %d chunks from profile %s", len(chunks), self.config.profile[:12])
 
     async def _fuse_main(self, scope: trio.CancelScope) -> None:
         await pyfuse3.main()

@@ -1,0 +1,99 @@
+"""Start-up profiles: the chunks an image's container touched until it was ready, in first-touch
+order, recorded from a mount's access trace and replayed as prefetch on later mounts.
+
+A profile is stored as its own content-addressed blob (profiles/<digest>) and linked from the
+image's tag (the tag's "profile" field), so recording one never changes the image ID. Recording
+again replaces the link: a profile describes one start-up, and merging start-ups of different
+commands would make every mount prefetch the union of what any of them ever touched.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from imagefs import chunks as blobs
+from imagefs.chunks import Digest
+from imagefs.errors import BlobNotFound, CorruptBlob, ImageFSError
+from imagefs.images import Ref, update_tag
+from imagefs.index import ImageIndex
+from imagefs.store.base import BlobStore
+
+log = logging.getLogger(__name__)
+VERSION = 1
+
+
+@dataclass
+class Profile:
+    image: str
+    chunks: list[tuple[str, int]]  # (digest, raw size) in first-touch order
+    files: int = 0
+    ready_s: float | None = None
+    command: list[str] = field(default_factory=list)
+    created: float = field(default_factory=time.time)
+
+    def encode(self) -> bytes:
+        doc = {"v": VERSION, "image": self.image, "chunks": self.chunks, "files": self.files,
+               "ready_s": self.ready_s, "command": self.command, "created": self.created}
+        return json.dumps(doc, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, data: bytes, digest: str) -> "Profile":
+        try:
+            doc = json.loads(data)
+            if doc.get("v") != VERSION:
+                raise ValueError(f"unknown profile version {doc.get('v')}")
+            return cls(str(doc["image"]), [(str(d), int(n)) for d, n in doc["chunks"]], int(doc["files"]),
+                       doc.get("ready_s"), list(doc.get("command") or []), float(doc["created"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptBlob(digest, f"malformed profile: {e}") from None
+
+    @property
+    def bytes(self) -> int:
+        return sum(n for _, n in self.chunks)
+
+
+def from_trace(image_id: str, events: Iterable[dict[str, Any]], *, until: float | None = None,
+               ready_s: float | None = None, command: list[str] | None = None) -> Profile:
+    """A profile from a mount's trace (imagefs.fs.mounts.read_trace), cut at `until` seconds."""
+    chunks: list[tuple[str, int]] = []
+    seen: set[str] = set()
+    files = 0
+    for ev in events:
+        if until is not None and float(ev["t"]) > until:
+            break
+        if ev["kind"] == "file":
+            files += 1
+        elif ev["kind"] == "chunk" and ev["chunk"] not in seen:
+            seen.add(ev["chunk"])
+            chunks.append((ev["chunk"], int(ev["size"])))
+    return Profile(image_id, chunks, files, ready_s, command or [])
+
+
+def save(store: BlobStore, profile: Profile, ref: Ref | None) -> Digest:
+    """Store the profile blob, then point the tag at it (when a tag names the image)."""
+    raw = profile.encode()
+    digest = blobs.digest_of(raw)
+    store.put(f"profiles/{digest}", blobs.encode(raw))
+    if ref is not None:
+        update_tag(store, ref, profile=digest)
+    return digest
+
+
+def load(store: BlobStore, digest: str) -> Profile:
+    try:
+        return Profile.decode(blobs.decode(store.get(f"profiles/{digest}"), digest), digest)
+    except BlobNotFound:
+        raise ImageFSError(f"profile {digest} is missing from the store") from None
+
+
+def chunks_to_prefetch(profile: Profile, index: ImageIndex, image_id: str) -> list[tuple[Digest, int]]:
+    """The profile's chunks that this image has; others are dropped with one warning."""
+    known = {d: n for d, n in zip(index.chunks, index.chunk_sizes)}
+    keep = [(Digest(d), known[d]) for d, _ in profile.chunks if d in known]
+    if len(keep) < len(profile.chunks):
+        log.warning("profile names %d chunks that image %s does not have; ignoring them",
+                    len(profile.chunks) - len(keep), image_id)
+    return keep
