@@ -63,6 +63,7 @@ class Record:
     bytes_fetched: int = 0
     fetches: int = 0
     bytes_read: int = 0
+    prefetched: int = 0
     error: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -123,16 +124,18 @@ class _MemoryReader(ChunkReader):
         return self.data[digest]
 
 
-def run_lazy(ctx: Context, w: Workload, image_id: str, mode: str, rep: int,
-             prefetch: bool = False) -> Record:
-    """cold / warm / prefetch: a fresh mount each run; the host cache decides cold or warm."""
+def run_lazy(ctx: Context, w: Workload, image_id: str, mode: str, rep: int, tag: str = "") -> Record:
+    """cold / warm / prefetch: a fresh mount each run; the host cache decides cold or warm.
+    prefetch runs by tag, whose start-up profile the mount then streams; the others by image ID
+    with prefetch off."""
     unmount_all(ctx.state_dir)
     cache = ctx.warm_cache if mode == "warm" else ctx.work / f"cache-{mode}-{rep}"
     if mode != "warm":
         shutil.rmtree(cache, ignore_errors=True)
     drop_page_cache()
-    provider = imagefs_provider(ctx.state_dir, ctx.store_url, str(cache), linger=True)
-    opts = _options(ctx, w, image_id)
+    prefetch = mode == "prefetch"
+    provider = imagefs_provider(ctx.state_dir, ctx.store_url, str(cache), linger=True, prefetch=prefetch)
+    opts = _options(ctx, w, tag if prefetch else image_id)
     res = run(opts, provider, stdout=_discard, stderr=_discard)
     rec = _record(w, mode, rep, res)
     mnt = SharedMounts(ctx.state_dir / "mounts", _noop, _noop).mountpoint(image_id)
@@ -141,11 +144,19 @@ def run_lazy(ctx: Context, w: Workload, image_id: str, mode: str, rep: int,
         rec.bytes_fetched = int(stats["fetch"]["bytes_fetched"])
         rec.fetches = int(stats["fetch"]["chunks_fetched"])
         rec.bytes_read = int(stats["fuse"]["read_bytes"])
+        rec.prefetched = int(stats["fetch"]["by_kind"]["prefetch"]["bytes"])
     finally:
         unmount_all(ctx.state_dir)
         if mode != "warm":
             shutil.rmtree(cache, ignore_errors=True)
     return rec
+
+
+def record_profile(ctx: Context, w: Workload, tag: str) -> None:
+    """Record the workload's start-up profile (untimed) and link it from the tag."""
+    from runner.profiling import record
+
+    record(_options(ctx, w, tag), stop_at_ready=True, stdout=_discard, stderr=_discard)
 
 
 def warm_up(ctx: Context, w: Workload, image_id: str) -> None:

@@ -23,7 +23,8 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "phases": {p: median([r["phases"][p] for r in ok if p in r["phases"]]) for p in PHASES},
                      "bytes_fetched": median([r["bytes_fetched"] for r in ok]),
                      "fetches": median([r["fetches"] for r in ok]),
-                     "bytes_read": median([r["bytes_read"] for r in ok])})
+                     "bytes_read": median([r["bytes_read"] for r in ok]),
+                     "prefetched": median([r.get("prefetched", 0) for r in ok])})
     for row in rows:
         base = next((x["median_s"] for x in rows if x["workload"] == row["workload"] and x["mode"] == "native"),
                     float("nan"))

@@ -18,6 +18,7 @@ from bench.util import machine, write_json
 from bench.workloads import SUITES, WORKLOADS, Workload
 from imagefs.builder.build import Builder, BuildOptions
 from imagefs.builder.load import load_spec
+from imagefs import images
 from imagefs.images import load_index
 from imagefs.index import ImageConfig
 from imagefs.reader import ChunkReader
@@ -165,16 +166,23 @@ def _push(ids: dict[str, str], store_url: str) -> tuple[dict[str, ImageConfig], 
     with open_store(BUILD_STORE) as src, open_store(store_url) as dst:
         for name, image_id in ids.items():
             n = copy_image(src, dst, image_id)
+            images.set_tag(dst, images.parse_ref(bench_tag(name)), image_id)  # profiles are recorded anew
             index = load_index(src, image_id)
             configs[name], sizes[name] = index.config, index.file_bytes
             log(f"{name}: image {image_id[:12]}, {index.file_bytes / 1e6:.0f} MB, {n} chunks uploaded to the bench store")
     return configs, sizes
 
 
+def bench_tag(name: str) -> str:
+    return f"bench-{name}:latest"
+
+
 def _warm(plan: Plan, ctx: modes.Context, ids: dict[str, str]) -> None:
-    if "warm" in plan.modes:
-        for w in plan.workloads:
+    for w in plan.workloads:
+        if "warm" in plan.modes:
             modes.warm_up(ctx, w, ids[w.name])
+        if "prefetch" in plan.modes:
+            modes.record_profile(ctx, w, bench_tag(w.name))
 
 
 def _one(ctx: modes.Context, w: Workload, image_id: str, config: ImageConfig, mode: str, rep: int) -> modes.Record:
@@ -184,7 +192,7 @@ def _one(ctx: modes.Context, w: Workload, image_id: str, config: ImageConfig, mo
         elif mode == "pull":
             rec = modes.run_pull(ctx, w, image_id, config, rep)
         else:
-            rec = modes.run_lazy(ctx, w, image_id, mode, rep, prefetch=mode == "prefetch")
+            rec = modes.run_lazy(ctx, w, image_id, mode, rep, tag=bench_tag(w.name))
     except Exception as e:  # a failed run is recorded, not fatal: the report shows it
         rec = modes.Record(w.name, mode, rep, False, float("nan"), {}, error=f"{type(e).__name__}: {e}")
     log(f"rep {rep} {w.name:8} {mode:8} {'ok' if rec.ok else 'FAILED ' + rec.error} {rec.ready_s:.2f} s")

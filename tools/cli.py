@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "tools.cmd_run",
     "tools.cmd_build",
     "tools.cmd_bench",
+    "tools.cmd_profile",
 ]
 
 

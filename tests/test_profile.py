@@ -1,0 +1,178 @@
+"""Start-up profiles: record (through a real container on a real mount), store, load, replay as
+prefetch; order, no double fetch, stale entries, cancellation on unmount."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from imagefs import profile as profiles
+from imagefs.fs import mounts
+from imagefs.images import load_index, parse_ref, read_tag, resolve, set_tag
+from imagefs.importers.rootfs import import_rootfs
+from imagefs.store.local import LocalStore
+from imagefs.writer import write_image
+from tests.fixtures.runner import make_busybox_root, needs_runc
+
+MB = 1 << 20
+
+
+def _image(tmp: Path) -> tuple[LocalStore, str]:
+    root = make_busybox_root(tmp / "root")
+    for name in ("a", "b", "c"):
+        (root / name).write_bytes(os.urandom(3 * MB))  # ~3 chunks each, incompressible
+    store = LocalStore(tmp / "store", fsync=False)
+    image_id, _ = write_image(store, import_rootfs(root))
+    set_tag(store, parse_ref("prof:1"), image_id)
+    return store, image_id
+
+
+def _chunks_of(store: LocalStore, image_id: str, path: str) -> list[str]:
+    index = load_index(store, image_id)
+    ext = index.inode(index.resolve(path)).extents or []
+    out: list[str] = []
+    for i in range(0, len(ext), 3):
+        d = index.chunks[ext[i]]
+        if d not in out:
+            out.append(d)
+    return out
+
+
+def _owners(index) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """How many files each chunk holds bytes of."""
+    count: dict[str, int] = {}
+    for ino in index.inodes:
+        ext = ino.extents or []
+        for d in {index.chunks[ext[i]] for i in range(0, len(ext), 3)}:
+            count[d] = count.get(d, 0) + 1
+    return count
+
+
+def cs(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, COLDSTART_STORE=f"file://{tmp}/store", COLDSTART_RUN_DIR=str(tmp / "run"),
+               COLDSTART_CACHE=str(tmp / "cache"))
+    return subprocess.run([sys.executable, "-m", "tools.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+@needs_runc
+def test_record_store_load_in_first_touch_order(tmp_path: Path) -> None:
+    store, image_id = _image(tmp_path)
+    r = cs(tmp_path, "profile", "record", "--json", "--ready-regex", "^ready$", "prof:1", "--",
+           "/bin/sh", "-c", "cat /c /a > /dev/null; echo ready; sleep 30; cat /b > /dev/null")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    prof = profiles.load(store, read_tag(store, parse_ref("prof:1"))["profile"])
+    order = [d for d, _ in prof.chunks]
+    c, a, b = (_chunks_of(store, image_id, p) for p in ("/c", "/a", "/b"))
+    # First-touch order: every chunk only /c has comes before every chunk only /a has (a file's
+    # first and last chunk may hold its tree neighbours too); cut at ready: /b's own chunks unread.
+    index = load_index(store, image_id)
+    shared = {d for d, n in _owners(index).items() if n > 1}
+    c_only, a_only, b_only = (set(x) - shared for x in (c, a, b))
+    assert c_only and a_only and (c_only | a_only) <= set(order)
+    assert max(order.index(d) for d in c_only) < min(order.index(d) for d in a_only)
+    assert not b_only & set(order)
+    assert doc["chunks"] == len(prof.chunks) and prof.image == image_id
+    assert resolve(store, "prof:1") == image_id  # recording leaves the image ID alone
+    shown = json.loads(cs(tmp_path, "profile", "show", "prof:1", "--json").stdout)
+    assert shown["profile"] == doc["profile"] and [d for d, _ in shown["chunk_list"]] == order
+    assert "run" not in [p.name for p in (tmp_path / "run").glob("*/record-*")]
+    assert not [l for l in Path("/proc/mounts").read_text().splitlines() if str(tmp_path) in l]
+
+
+@needs_runc
+def test_run_record_profile_then_replay(tmp_path: Path) -> None:
+    store, image_id = _image(tmp_path)
+    r = cs(tmp_path, "run", "--record-profile", "prof:1", "--", "/bin/sh", "-c", "cat /b > /dev/null")
+    assert r.returncode == 0 and "recorded profile" in r.stderr, r.stderr
+    recorded = {d for d, _ in profiles.load(store, read_tag(store, parse_ref("prof:1"))["profile"]).chunks}
+    assert set(_chunks_of(store, image_id, "/b")) <= recorded
+    shared = {d for d, n in _owners(load_index(store, image_id)).items() if n > 1}
+    assert not (set(_chunks_of(store, image_id, "/c")) - shared) & recorded  # /c's own chunks unread
+    r = cs(tmp_path, "run", "prof:1", "--", "/bin/sh", "-c", "cat /b | md5sum")
+    assert r.returncode == 0, r.stderr
+    cs(tmp_path, "umount", "--all")
+
+
+def _wait(pred, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_replay_fetches_in_background_once(tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    store, image_id = _image(tmp_path)
+    wanted = _chunks_of(store, image_id, "/a") + _chunks_of(store, image_id, "/c")
+    index = load_index(store, image_id)
+    sizes = dict(zip(index.chunks, index.chunk_sizes))
+    digest = profiles.save(store, profiles.Profile(image_id, [(d, sizes[d]) for d in wanted]), parse_ref("prof:1"))
+    info = mounter.mount(f"file://{tmp_path}/store", image_id, profile=digest)
+    stats = lambda: mounts.read_stats(info.mountpoint)["fetch"]  # noqa: E731
+    _wait(lambda: stats()["by_kind"]["prefetch"]["chunks"] == len(wanted))
+    data = (Path(info.mountpoint) / "a").read_bytes() + (Path(info.mountpoint) / "c").read_bytes()
+    assert len(data) == 6 * MB
+    s = stats()
+    assert s["by_kind"]["demand"]["chunks"] == 0  # everything it read was prefetched
+    assert s["chunks_fetched"] == len(set(wanted))  # and nothing was fetched twice
+
+
+def test_stale_profile_entries_are_ignored_with_a_warning(tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    store, image_id = _image(tmp_path)
+    real = _chunks_of(store, image_id, "/a")
+    index = load_index(store, image_id)
+    sizes = dict(zip(index.chunks, index.chunk_sizes))
+    bogus = [("f" * 64, 123), ("0" * 64, 456)]
+    digest = profiles.save(store, profiles.Profile(image_id, bogus + [(d, sizes[d]) for d in real]), None)
+    info = mounter.mount(f"file://{tmp_path}/store", image_id, profile=digest)
+    _wait(lambda: mounts.read_stats(info.mountpoint)["fetch"]["by_kind"]["prefetch"]["chunks"] == len(real))
+    assert (Path(info.mountpoint) / "a").read_bytes()[:10]
+    _wait(lambda: "does not have" in Path(info.log_path).read_text())
+    assert mounts.read_stats(info.mountpoint)["fetch"]["errors"] == 0
+
+
+def test_missing_profile_blob_means_no_prefetch(tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    store, image_id = _image(tmp_path)
+    info = mounter.mount(f"file://{tmp_path}/store", image_id, profile="e" * 64)
+    assert (Path(info.mountpoint) / "c").stat().st_size == 3 * MB
+    _wait(lambda: "no prefetch" in Path(info.log_path).read_text())
+
+
+def test_unmount_cancels_a_running_prefetch(tmp_path: Path, mounter, s3_server) -> None:  # type: ignore[no-untyped-def]
+    """A slow store (SeaweedFS behind a 100 ms delay proxy): unmount long before the profile is
+    done; the daemon stops at once instead of finishing the prefetch."""
+    from bench.services import free_ports
+    from imagefs.store.factory import open_store
+    from imagefs.transfer import copy_image
+
+    local, image_id = _image(tmp_path)
+    url = s3_server.url_for(s3_server.new_bucket_name(), "img")
+    with open_store(url) as s3:
+        copy_image(local, s3, image_id)
+    port = free_ports(1)[0]
+    proxy = subprocess.Popen([sys.executable, "-m", "bench.delayproxy", f"127.0.0.1:{port}",
+                              s3_server.endpoint.split("//")[1], "100"], stdout=subprocess.PIPE)
+    try:
+        assert proxy.stdout is not None and proxy.stdout.readline().strip() == b"ready"
+        slow = url.split("?")[0] + f"?endpoint=http://127.0.0.1:{port}"
+        index = load_index(local, image_id)
+        everything = list(zip(index.chunks, index.chunk_sizes))
+        with open_store(slow) as s3:
+            digest = profiles.save(s3, profiles.Profile(image_id, everything), None)
+        info = mounter.mount(slow, image_id, profile=digest, limits={"prefetch_workers": 1})
+        time.sleep(0.3)
+        done = mounts.read_stats(info.mountpoint)["fetch"]["by_kind"]["prefetch"]["chunks"]
+        assert done < len(everything)  # still prefetching
+        t = time.monotonic()
+        mounter.unmount(info)
+        assert time.monotonic() - t < 5
+        assert not mounts.daemon_alive(info.pid)
+    finally:
+        proxy.kill()
+        proxy.wait()
