@@ -25,7 +25,7 @@ MB = 1 << 20
 def _image(tmp: Path) -> tuple[LocalStore, str]:
     root = make_busybox_root(tmp / "root")
     for name in ("a", "b", "c"):
-        (root / name).write_bytes(os.urandom(3 * MB))  # ~3 chunks each, incompressible
+        (root / name).write_bytes(os.urandom(10 * MB))  # >= 3 chunks each (max chunk 4 MiB): one is its own
     store = LocalStore(tmp / "store", fsync=False)
     image_id, _ = write_image(store, import_rootfs(root))
     set_tag(store, parse_ref("prof:1"), image_id)
@@ -117,7 +117,7 @@ def test_replay_fetches_in_background_once(tmp_path: Path, mounter) -> None:  # 
     stats = lambda: mounts.read_stats(info.mountpoint)["fetch"]  # noqa: E731
     _wait(lambda: stats()["by_kind"]["prefetch"]["chunks"] == len(wanted))
     data = (Path(info.mountpoint) / "a").read_bytes() + (Path(info.mountpoint) / "c").read_bytes()
-    assert len(data) == 6 * MB
+    assert len(data) == 20 * MB
     s = stats()
     assert s["by_kind"]["demand"]["chunks"] == 0  # everything it read was prefetched
     assert s["chunks_fetched"] == len(set(wanted))  # and nothing was fetched twice
@@ -140,7 +140,7 @@ def test_stale_profile_entries_are_ignored_with_a_warning(tmp_path: Path, mounte
 def test_missing_profile_blob_means_no_prefetch(tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]
     store, image_id = _image(tmp_path)
     info = mounter.mount(f"file://{tmp_path}/store", image_id, profile="e" * 64)
-    assert (Path(info.mountpoint) / "c").stat().st_size == 3 * MB
+    assert (Path(info.mountpoint) / "c").stat().st_size == 10 * MB
     _wait(lambda: "no prefetch" in Path(info.log_path).read_text())
 
 
