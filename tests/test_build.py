@@ -212,3 +212,15 @@ def _container_cmds() -> list[str]:
             except OSError:
                 pass
     return out
+
+
+def test_build_profile_records_a_start_up_profile(env: Env) -> None:
+    (env.tmp / "data.bin").write_bytes(os.urandom(3 << 20))
+    spec = env.spec("""
+        app = base.copy_local_file("./data.bin", "/data.bin").cmd(["/bin/sh", "-c", "cat /data.bin > /dev/null; echo ready"])
+    """)
+    out = env.build(spec, "--tag", "app:1", "--profile", "--profile-ready-regex", "^ready$", name="app")
+    prof = out["app"]["profile"]
+    assert prof["chunks"] >= 1 and prof["exit_code"] in (0, 143)
+    shown = json.loads(env.cs("profile", "show", "app:1", "--json").stdout)
+    assert shown["profile"] == prof["digest"]

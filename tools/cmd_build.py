@@ -23,6 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--ca-bundle", type=Path, default=os.environ.get("COLDSTART_CA_BUNDLE") or None,
                    help="CA bundle for apt/pip inside steps (default: $COLDSTART_CA_BUNDLE)")
     p.add_argument("--cache", help="host chunk cache directory for the steps' mounts")
+    p.add_argument("--profile", action="store_true",
+                   help="after building, run each image's command and record its start-up profile")
+    p.add_argument("--profile-ready-regex", metavar="REGEX",
+                   help="with --profile: the image is ready (and stopped) at the first matching line")
     add_store_arg(p)
     add_json_arg(p)
     p.set_defaults(func=cmd_build)
@@ -81,10 +85,29 @@ def cmd_build(args: argparse.Namespace) -> int:
             executor.close()
     doc = {name: {"ref": str(tags[name]), "image": r.image, "uploaded_bytes": r.uploaded_bytes,
                   "steps": [vars(s) for s in r.steps]} for name, r in built.items()}
+    if args.profile:
+        for name in built:
+            doc[name]["profile"] = _record_profile(args, str(tags[name]))
     emit(args, doc, lambda: [print(f"{tags[n]} -> {r.image}  (uploaded {human_bytes(r.uploaded_bytes)}, "
                                    f"{sum(s.cached for s in r.steps)}/{len(r.steps)} steps cached)")
                              for n, r in built.items()])
     return 0
+
+
+def _record_profile(args: argparse.Namespace, ref: str) -> dict[str, Any]:
+    """Run the image's own command on a fresh mount; its reads until ready become the profile."""
+    from runner.options import RunOptions
+    from runner.profiling import record
+    from runner.stream import fd_sink
+
+    out = (lambda data: None) if args.json else fd_sink(2)
+    opts = RunOptions(image=ref, ready_regex=args.profile_ready_regex, store=args.store, cache=args.cache)
+    rec = record(opts, stop_at_ready=args.profile_ready_regex is not None, stdout=out, stderr=out)
+    if not args.json:
+        print(f"{ref}: profile {rec.digest[:16]}, {len(rec.profile.chunks)} chunks "
+              f"({human_bytes(rec.profile.bytes)})", file=sys.stderr)
+    return {"digest": rec.digest, "chunks": len(rec.profile.chunks), "bytes": rec.profile.bytes,
+            "exit_code": rec.result.exit_code}
 
 
 def _executor(args: argparse.Namespace) -> Any:
