@@ -203,13 +203,15 @@ class FuseOps(pyfuse3.Operations):
         return data
 
     async def flush(self, fh: int) -> None:
-        """Nothing is ever dirty."""
+        """Nothing is ever dirty: ENOSYS tells the kernel to stop sending flush on every close."""
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def release(self, fh: int) -> None:
         self.fs.release(fh)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        """Nothing is ever dirty."""
+        """Nothing is ever dirty (ENOSYS: the kernel stops asking and reports success)."""
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     # -- everything that would change the image ------------------------------------------------
     @_op("modify")
