@@ -7,6 +7,8 @@ pull      what docker/containerd do: fetch every chunk from the store (in parall
 cold      coldstart: fresh lazy mount, empty host cache, page cache dropped
 warm      coldstart: fresh lazy mount, host cache already holding the image, page cache dropped
 prefetch  cold, with the image's recorded start-up profile streamed ahead of demand
+containerd  stock containerd: `ctr image pull` from a local registry (fetch + unpack), then `ctr run`
+            (bench.containerd); not through our runner, but timed the same way to the ready line
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class Context:
     work: Path  # scratch: state dir, layers, pulled rootfs, caches
     native: dict[str, Path] = field(default_factory=dict)  # image ID -> exported rootfs
     gpus: str | None = None
+    containerd: Any = None  # bench.containerd.ContainerdBench when the containerd mode runs
 
     @property
     def state_dir(self) -> Path:
@@ -122,6 +125,23 @@ class _MemoryReader(ChunkReader):
 
     def get(self, digest: str) -> bytes:
         return self.data[digest]
+
+
+def run_containerd(ctx: Context, w: Workload, image_id: str, rep: int) -> Record:
+    """A cold `ctr image pull` of the image from the registry, then `ctr run --rm` to the ready line."""
+    from bench.containerd import make_cold, pull_and_run
+
+    if ctx.containerd is None:
+        raise RuntimeError("the containerd mode was not set up (containerd or docker-registry missing?)")
+    if w.gpu:
+        raise RuntimeError("the containerd mode does not run GPU workloads")
+    pushed = ctx.containerd.images[image_id]
+    make_cold(ctx.containerd.containerd)
+    drop_page_cache()
+    res = pull_and_run(ctx.containerd.containerd, pushed.ref, list(w.command), READY)
+    phases = {"pull": res.pull_s, "ready": res.ready_s, "exit": res.exit_s}
+    return Record(w.name, "containerd", rep, res.ok, res.ready_s, phases, bytes_fetched=pushed.total_bytes,
+                  fetches=pushed.blobs, error=res.error)
 
 
 def run_lazy(ctx: Context, w: Workload, image_id: str, mode: str, rep: int, tag: str = "") -> Record:

@@ -138,6 +138,7 @@ def run_suite(plan: Plan) -> dict[str, Any]:
     gpus = _gpus_present()
     plan.workloads = [w for w in plan.workloads if not w.gpu or gpus]
     skipped = [] if gpus else ["gpu (no NVIDIA GPU on this host)"]
+    skipped += _drop_unavailable_modes(plan)
     ids = build_images(plan)
     work = Path("/var/tmp/coldstart-bench-run")
     work.mkdir(parents=True, exist_ok=True)
@@ -145,15 +146,17 @@ def run_suite(plan: Plan) -> dict[str, Any]:
     with bench_store(plan) as (store_url, store_kind):
         configs, sizes = _push(ids, store_url)
         ctx = modes.Context(store_url, work, prepare_natives(ids, work), gpus="all" if gpus else None)
-        try:
-            _warm(plan, ctx, ids)
-            for rep in range(plan.repeat):
-                for w in plan.workloads:
-                    order = plan.modes[rep % len(plan.modes):] + plan.modes[:rep % len(plan.modes)]
-                    for mode in order:
-                        records.append(_one(ctx, w, ids[w.name], configs[w.name], mode, rep).as_dict())
-        finally:
-            unmount_all(ctx.state_dir)
+        with _containerd(plan, ids, work) as ctrd:
+            ctx.containerd = ctrd
+            try:
+                _warm(plan, ctx, ids)
+                for rep in range(plan.repeat):
+                    for w in plan.workloads:
+                        order = plan.modes[rep % len(plan.modes):] + plan.modes[:rep % len(plan.modes)]
+                        for mode in (m for m in order if not (w.gpu and m == "containerd")):
+                            records.append(_one(ctx, w, ids[w.name], configs[w.name], mode, rep).as_dict())
+            finally:
+                unmount_all(ctx.state_dir)
     meta = {"started": started, "machine": machine(), "network": plan.network, "store_kind": store_kind,
             "repeat": plan.repeat, "command": "coldstart bench " + " ".join(map(shlex.quote, sys.argv[2:])),
             "images": ids, "image_bytes": sizes, "skipped": skipped,
@@ -171,6 +174,40 @@ def _push(ids: dict[str, str], store_url: str) -> tuple[dict[str, ImageConfig], 
             configs[name], sizes[name] = index.config, index.file_bytes
             log(f"{name}: image {image_id[:12]}, {index.file_bytes / 1e6:.0f} MB, {n} chunks uploaded to the bench store")
     return configs, sizes
+
+
+def _drop_unavailable_modes(plan: Plan) -> list[str]:
+    """Leave out modes this host cannot run (the containerd mode without containerd or a registry)."""
+    from bench.containerd import missing_tools
+
+    if "containerd" not in plan.modes:
+        return []
+    gpu = ["containerd mode for GPU workloads (ctr run is given no GPU)"] if any(w.gpu for w in plan.workloads) else []
+    missing = missing_tools()
+    if not missing:
+        return gpu
+    plan.modes = [m for m in plan.modes if m != "containerd"]
+    note = f"containerd mode ({', '.join(missing)} not installed)"
+    log(f"skipping the {note}")
+    if not plan.modes:
+        raise SystemExit(f"bench: nothing to run: skipped the {note}")
+    return [note]
+
+
+@contextmanager
+def _containerd(plan: Plan, ids: dict[str, str], work: Path) -> Iterator[Any]:
+    """A private containerd and registry holding every image, for the containerd mode (else None)."""
+    if "containerd" not in plan.modes:
+        yield None
+        return
+    from bench.containerd import ContainerdBench
+
+    with ContainerdBench(work, CACHE / "oci") as ctrd, open_store(BUILD_STORE) as store:
+        for name, image_id in ids.items():
+            log(f"{name}: writing the OCI image and pushing it to the registry for the containerd mode")
+            pushed = ctrd.push(store, image_id, name)
+            log(f"{name}: {pushed.ref}, {pushed.total_bytes / 1e6:.1f} MB compressed")
+        yield ctrd
 
 
 def bench_tag(name: str) -> str:
@@ -191,6 +228,8 @@ def _one(ctx: modes.Context, w: Workload, image_id: str, config: ImageConfig, mo
             rec = modes.run_native(ctx, w, image_id, config, rep)
         elif mode == "pull":
             rec = modes.run_pull(ctx, w, image_id, config, rep)
+        elif mode == "containerd":
+            rec = modes.run_containerd(ctx, w, image_id, rep)
         else:
             rec = modes.run_lazy(ctx, w, image_id, mode, rep, tag=bench_tag(w.name))
     except Exception as e:  # a failed run is recorded, not fatal: the report shows it

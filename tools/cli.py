@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "tools.cmd_build",
     "tools.cmd_bench",
     "tools.cmd_profile",
+    "tools.cmd_oci",
 ]
 
 
