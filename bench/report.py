@@ -64,7 +64,7 @@ def terminal(rows: list[dict[str, Any]]) -> None:
 
     t = Table(title="cold start: time to ready")
     for col in ("workload", "mode", "median", "p90", "vs native", "MB fetched", "fetches", "runs"):
-        t.add_column(col, justify="left" if col in ("workload", "mode") else "right")
+        t.add_column(col, justify="left" if col in ("workload", "mode") else "right", no_wrap=True)
     for r in rows:
         t.add_row(r["workload"], r["mode"], _f(r["median_s"]), _f(r["p90_s"]), _f(r["vs_native"], "x"),
                   _mb(r["bytes_fetched"]), "-" if not r["fetches"] else f"{r['fetches']:.0f}",

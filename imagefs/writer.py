@@ -195,8 +195,10 @@ def _layout(tree: BuildTree) -> _Layout:
 
 
 def _inode_of(node: Node) -> Inode:
+    # Every regular file has an extent list (empty for empty files), whatever the importer gave it.
     return Inode(mode=node.mode, uid=node.uid, gid=node.gid, mtime_ns=node.mtime_ns, size=node.size,
-                 rdev=node.rdev, target=node.target, xattrs=dict(node.xattrs) or None)
+                 rdev=node.rdev, target=node.target, xattrs=dict(node.xattrs) or None,
+                 extents=[] if stat.S_ISREG(node.mode) else None)
 
 
 def _queue_content(out: _Layout, inode: Inode, node: Node) -> None:

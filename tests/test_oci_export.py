@@ -50,6 +50,7 @@ def test_round_trip_through_our_importer(stored: tuple[LocalStore, str], rich_tr
     assert diff(snapshot(tmp_path / "a"), snapshot(tmp_path / "b")) == []
     assert diff(snapshot(rich_tree), snapshot(tmp_path / "b")) == []
     assert load_index(store, again).config == CONFIG
+    assert again == image_id  # same tree and config: the same image ID
 
 
 def test_layer_and_manifest_shape(stored: tuple[LocalStore, str], tmp_path: Path) -> None:
