@@ -84,17 +84,27 @@ def list_tags(store: BlobStore) -> Iterator[tuple[Ref, dict[str, Any]]]:
 
 def resolve(store: BlobStore, text: str) -> Digest:
     """An image ID from NAME:TAG, a full ID, or an unambiguous ID prefix of 12+ hex characters."""
+    return resolve_with_tag(store, text)[0]
+
+
+def resolve_with_tag(store: BlobStore, text: str, *, check_id: bool = True) -> tuple[Digest, dict[str, Any]]:
+    """resolve(), and the tag document it read (empty for an ID): one GET for NAME:TAG.
+
+    check_id=False takes a full ID as it is, without asking the store whether the image exists
+    (for callers that load its index next, which fails with ImageNotFound just the same).
+    """
     if blobs.is_digest(text):
-        if not store.exists(blobs.index_key(text)):
+        if check_id and not store.exists(blobs.index_key(text)):
             raise ImageNotFound(f"no image {text}")
-        return Digest(text)
+        return Digest(text), {}
     if re.fullmatch(r"[0-9a-f]{12,63}", text):
         found = [i.key[len("index/"):] for i in store.list(f"index/{text}")]
         if len(found) == 1:
-            return Digest(found[0])
+            return Digest(found[0]), {}
         if len(found) > 1:
             raise InvalidReference(f"image ID prefix {text} is ambiguous")
-    return Digest(read_tag(store, parse_ref(text))["image"])
+    doc = read_tag(store, parse_ref(text))
+    return Digest(doc["image"]), doc
 
 
 def tag_profile(store: BlobStore, text: str) -> str:

@@ -4,13 +4,18 @@ Mounts are started on demand under STATE/mounts/<image id>/mnt and shared by eve
 that image on the host (runner.shared_mount counts holders). With linger=True (coldstart run's
 default) a mount stays up after its last container exits, so the next container of that image
 finds the kernel's caches warm; `coldstart umount --all` takes lingering mounts down.
+
+The resolver reads a tag once and keeps the image's index in the host cache (imagefs.indexcache),
+where the mount daemon, started for the image ID and not the tag, finds it without a request.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from imagefs.fs.cache import default_cache_dir
 from imagefs.fs.mounts import mount_image, unmount
-from imagefs.images import load_index, resolve, tag_profile
+from imagefs.images import resolve_with_tag
+from imagefs.indexcache import load_config
 from imagefs.store.factory import open_store
 from runner.lower import ResolvedImage, SharedMountProvider
 from runner.mounts import is_mounted
@@ -20,17 +25,19 @@ from runner.shared_mount import SharedMounts
 class StoreResolver:
     """NAME:TAG or ID -> image ID and config; remembers the tag's start-up profile for the mount."""
 
-    def __init__(self, store_url: str | None, prefetch: bool = True) -> None:
+    def __init__(self, store_url: str | None, prefetch: bool = True, cache_dir: str | None = None) -> None:
         self.store_url = store_url
         self.prefetch = prefetch
+        self.cache_dir = cache_dir or str(default_cache_dir())
         self.profiles: dict[str, str] = {}
 
     def __call__(self, ref: str) -> ResolvedImage:
         with open_store(self.store_url) as store:
-            image_id = resolve(store, ref)
-            config = load_index(store, image_id).config
-            if self.prefetch:
-                self.profiles[image_id] = tag_profile(store, ref)
+            # An ID is not looked up first: loading its index says whether it exists.
+            image_id, tag = resolve_with_tag(store, ref, check_id=False)
+            config = load_config(store, image_id, self.cache_dir)
+        if self.prefetch:
+            self.profiles[image_id] = str(tag.get("profile") or "")
         return ResolvedImage(ref, image_id, config)
 
 
@@ -39,7 +46,7 @@ def imagefs_provider(state_dir: Path, store_url: str | None, cache_dir: str | No
                      prefetch: bool = True) -> SharedMountProvider:
     """A LowerProvider serving images from the store through shared lazy mounts. With prefetch,
     a mount started for a tag that has a start-up profile streams the profile's chunks."""
-    resolver = StoreResolver(store_url, prefetch)
+    resolver = StoreResolver(store_url, prefetch, cache_dir)
 
     def start(key: str, mnt: Path) -> None:
         mount_image(store_url, key, mnt, cache_dir=cache_dir, cache_size=cache_size,

@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import time
@@ -27,8 +26,9 @@ from imagefs.fs.cache import DEFAULT_MEMORY_SIZE, DEFAULT_SIZE, HostCache, Memor
 from imagefs.fs.fetcher import ChunkFetcher, FetchLimits
 from imagefs.fs.fuse_ops import FuseOps, mount_options
 from imagefs.fs.model import ImageFS, ReadaheadPolicy
+from imagefs.fs.mounts import unescape_mount_path
 from imagefs.fs.trace import DEFAULT_LIMIT, AccessTrace
-from imagefs.images import load_index
+from imagefs.indexcache import load_index
 from imagefs.store.factory import open_store
 
 log = logging.getLogger(__name__)
@@ -73,9 +73,12 @@ class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.started = time.time()
+        self.startup = StartupClock()
         self.store = open_store(config.store_url)
-        self.index = load_index(self.store, config.image_id)
+        self.index = load_index(self.store, config.image_id, config.cache_dir)  # host copy first
+        self.startup.mark("index")
         self.disk = HostCache(config.cache_dir, config.cache_size)
+        self.startup.mark("host_cache")
         self.fetcher = ChunkFetcher(self.store, self.disk, MemoryCache(config.memory_size),
                                     FetchLimits(**config.limits))
         self.trace = AccessTrace(config.trace_limit)
@@ -83,6 +86,7 @@ class Daemon:
         self.fs = ImageFS(self.index, self.fetcher, trace=self.trace, readahead=policy)
         self.ops = FuseOps(self.fs)
         self.signalled = False
+        self.startup.mark("model")
 
     def cached_chunks(self) -> tuple[int, int]:
         """(chunks of this image already in the host cache, distinct chunks of the image)."""
@@ -92,7 +96,9 @@ class Daemon:
     def run(self, ready: Ready) -> None:
         sys.setswitchinterval(self.config.switch_interval)
         cached, total = self.cached_chunks()
+        self.startup.mark("cached_count")
         pyfuse3.init(self.ops, self.config.mountpoint, mount_options(allow_other=self.config.allow_other))
+        self.startup.mark("fuse_init")
         try:
             trio.run(self._main, ready, {"cached_chunks": cached, "total_chunks": total})
         finally:
@@ -113,6 +119,8 @@ class Daemon:
                 set_kernel_readahead(self.config.mountpoint, self.config.kernel_readahead_kb)
                 self._write_state()
                 ready({"ok": True, "pid": os.getpid(), "image": self.config.image_id, **info})
+                self.startup.mark("ready")
+                log.info("start-up (ms): %s", self.startup)
                 if self.config.profile:
                     nursery.start_soon(self._replay_profile, name="prefetch-profile")
                 log.info("serving image %s at %s", self.config.image_id, self.config.mountpoint)
@@ -184,6 +192,22 @@ class Daemon:
             pass
 
 
+class StartupClock:
+    """Milliseconds each start-up step took, for the log."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self.steps: dict[str, float] = {}
+
+    def mark(self, step: str) -> None:
+        now = time.monotonic()
+        self.steps[step] = round((now - self._last) * 1000, 1)
+        self._last = now
+
+    def __str__(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.steps.items())
+
+
 def set_kernel_readahead(mountpoint: str, kb: int) -> None:
     """Let the kernel read ahead kb KiB on this mount (its FUSE default is 128 KiB); root only."""
     if kb <= 0:
@@ -207,11 +231,6 @@ def mount_device(mountpoint: str) -> str | None:
         if len(fields) > 4 and unescape_mount_path(fields[4]) == mountpoint:
             return fields[2]
     return None
-
-
-def unescape_mount_path(text: str) -> str:
-    """Undo the octal escapes (\\040 for space, ...) of /proc mount tables."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
 
 
 def _ready_writer(fd: int) -> Ready:
@@ -257,12 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     config = DaemonConfig.from_json(args.config)
     if args.detach and os.fork() != 0:
         os._exit(0)
+    return run_daemon(config, args.ready_fd)
+
+
+def run_daemon(config: DaemonConfig, ready_fd: int) -> int:
+    """The daemon process from logging set-up on (exec'd by main(), or forked by mounts)."""
     level = logging.DEBUG if config.verbose > 1 else logging.INFO
-    logging.basicConfig(level=level, stream=sys.stderr,
+    logging.basicConfig(level=level, stream=sys.stderr, force=True,
                         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
-    if args.ready_fd >= 0:
-        os.write(args.ready_fd, json.dumps({"pid": os.getpid()}).encode() + b"\n")
-        ready = _ready_writer(args.ready_fd)
+    if ready_fd >= 0:
+        os.write(ready_fd, json.dumps({"pid": os.getpid()}).encode() + b"\n")
+        ready = _ready_writer(ready_fd)
     else:
         ready = lambda doc: None  # noqa: E731
     return serve(config, ready)

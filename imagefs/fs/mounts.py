@@ -4,14 +4,20 @@ Each mount has a daemon process. Its state file, control socket and log live in 
 (``$COLDSTART_RUN_DIR``, else /run/coldstart for root) under ``mounts/<hash of the mountpoint>``.
 Mountpoints are taken as absolute paths, not resolved through symlinks (resolving would touch a
 mount whose daemon may be dead).
+
+Start-up is on the critical path of every cold container, so this module stays cheap to import
+(the daemon's FUSE stack, trio and pyfuse3, is imported only when a mount is started) and a
+single-threaded caller forks the daemon instead of starting a new interpreter (see _spawn).
 """
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import json
 import logging
 import os
+import re
 import select
 import shutil
 import signal
@@ -19,21 +25,27 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from imagefs.fs import control
+from imagefs.chunks import is_digest
 from imagefs.fs.cache import DEFAULT_MEMORY_SIZE, DEFAULT_SIZE, default_cache_dir
-from imagefs.fs.daemon import DaemonConfig, serve, unescape_mount_path
 from imagefs.fs.errors import MountError
 from imagefs.images import resolve
+from imagefs.indexcache import IndexCache
 from imagefs.store.factory import default_store_url, open_store
+
+if TYPE_CHECKING:
+    from imagefs.fs.daemon import DaemonConfig
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 60.0
 FSTYPE = "fuse.coldstart"
+PROCESS_NAME = "coldstart-mount"  # the comm of a forked daemon (an exec'd one runs imagefs.fs.daemon)
+SPAWN_MODES = ("auto", "fork", "exec")
 
 
 @dataclass(frozen=True)
@@ -88,13 +100,17 @@ def _abs(mountpoint: str | os.PathLike[str]) -> str:
 def mount_image(store_url: str | None, ref: str, mountpoint: str | os.PathLike[str], *,
                 cache_dir: str | os.PathLike[str] | None = None, cache_size: int | None = None,
                 memory_size: int | None = None, timeout: float = READY_TIMEOUT,
-                **tuning: Any) -> MountInfo:
+                spawn: str = "auto", **tuning: Any) -> MountInfo:
     """Mount image ref (NAME:TAG or ID) at mountpoint in a background daemon; returns when ready.
 
-    tuning: other DaemonConfig fields (kernel_readahead_kb, readahead_max, limits, verbose, ...).
+    spawn: "fork" this process into the daemon, "exec" a new interpreter, or "auto" (fork when
+    this process has a single thread). tuning: other DaemonConfig fields (kernel_readahead_kb,
+    readahead_max, limits, verbose, ...).
     """
+    if spawn not in SPAWN_MODES:
+        raise ValueError(f"spawn must be one of {SPAWN_MODES}, not {spawn!r}")
     config = _prepare(store_url, ref, mountpoint, cache_dir, cache_size, memory_size, tuning)
-    ready = _spawn(config, timeout)
+    ready = _spawn(config, timeout, spawn)
     return MountInfo(config.mountpoint, config.image_id, config.ref, config.store_url,
                      config.cache_dir, int(ready["pid"]), config.state_path, config.socket_path,
                      config.log_path, int(ready["cached_chunks"]), int(ready["total_chunks"]))
@@ -105,6 +121,8 @@ def serve_foreground(store_url: str | None, ref: str, mountpoint: str | os.PathL
                      ready: Callable[[dict[str, Any]], None] = lambda doc: None,
                      **tuning: Any) -> int:
     """Mount and serve in this process until unmounted or signalled; returns an exit code."""
+    from imagefs.fs.daemon import serve
+
     config = _prepare(store_url, ref, mountpoint, cache_dir, cache_size, None, tuning)
     return serve(config, ready)
 
@@ -112,21 +130,32 @@ def serve_foreground(store_url: str | None, ref: str, mountpoint: str | os.PathL
 def _prepare(store_url: str | None, ref: str, mountpoint: str | os.PathLike[str],
              cache_dir: str | os.PathLike[str] | None, cache_size: int | None,
              memory_size: int | None, tuning: dict[str, Any]) -> DaemonConfig:
+    from imagefs.fs.daemon import DaemonConfig  # the FUSE stack: needed from here on
+
     mp = _abs(mountpoint)
     if not os.path.isdir(mp):
         raise MountError(f"mountpoint {mp} is not a directory")
     paths = mount_paths(mp)
     _clear_stale(mp, paths)
     url = store_url or default_store_url()
-    with open_store(url) as store:
-        image_id = resolve(store, ref)
+    cache = str(cache_dir or default_cache_dir())
+    image_id = _resolve_image(url, ref, cache)
     os.makedirs(os.path.dirname(paths.state), exist_ok=True)
     return DaemonConfig(
         store_url=url, image_id=image_id, mountpoint=mp, ref=ref,
-        cache_dir=str(cache_dir or default_cache_dir()), cache_size=cache_size or DEFAULT_SIZE,
+        cache_dir=cache, cache_size=cache_size or DEFAULT_SIZE,
         memory_size=memory_size or DEFAULT_MEMORY_SIZE, state_path=paths.state,
         socket_path=paths.socket, log_path=paths.log,
         allow_other=tuning.pop("allow_other", _allow_other_permitted()), **tuning)
+
+
+def _resolve_image(store_url: str, ref: str, cache_dir: str) -> str:
+    """The image ID of ref. An ID whose index is in the host cache needs no store request: the
+    image exists, and the daemon loads that copy (the runner's resolver has just put it there)."""
+    if is_digest(ref) and IndexCache(cache_dir).has(ref):
+        return ref
+    with open_store(store_url) as store:
+        return resolve(store, ref)
 
 
 def _allow_other_permitted() -> bool:
@@ -172,17 +201,23 @@ def mount_is_dead(mp: str, timeout: float = 2.0) -> bool:
     return bool(result) and result[0] in (errno.ENOTCONN, errno.ECONNABORTED)
 
 
-def _spawn(config: DaemonConfig, timeout: float) -> dict[str, Any]:
+def _spawn(config: DaemonConfig, timeout: float, mode: str) -> dict[str, Any]:
+    """Start the daemon and wait for its readiness message.
+
+    Forking skips a new interpreter's start-up and its imports (the most of a mount's start-up
+    time with a cold page cache). It is safe only in a single-threaded process (a lock another
+    thread holds would stay locked in the child), so "auto" forks only then and execs otherwise.
+    """
+    fork = mode == "fork" or (mode == "auto" and _single_threaded())
+    log.debug("starting the mount daemon for %s by %s", config.mountpoint, "fork" if fork else "exec")
     r, w = os.pipe()
-    cmd = [sys.executable, "-m", "imagefs.fs.daemon", "--config", config.to_json(),
-           "--ready-fd", str(w), "--detach"]
     try:
-        with open(config.log_path, "ab") as logf:
-            proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf,
-                                    stderr=logf, cwd="/", start_new_session=True, env=_daemon_env())
+        if fork:
+            _fork_daemon(config, w)
+        else:
+            _exec_daemon(config, w, timeout)
         os.close(w)
         w = -1
-        proc.wait(timeout)  # the first process forks the daemon and exits at once
         return _wait_ready(r, config, timeout)
     finally:
         os.close(r)
@@ -190,11 +225,101 @@ def _spawn(config: DaemonConfig, timeout: float) -> dict[str, Any]:
             os.close(w)
 
 
+def _single_threaded() -> bool:
+    try:
+        return len(os.listdir("/proc/self/task")) == 1  # native threads count too
+    except OSError:
+        return False
+
+
+def _exec_daemon(config: DaemonConfig, ready_fd: int, timeout: float) -> None:
+    cmd = [sys.executable, "-m", "imagefs.fs.daemon", "--config", config.to_json(),
+           "--ready-fd", str(ready_fd), "--detach"]
+    with open(config.log_path, "ab") as logf:
+        proc = subprocess.Popen(cmd, pass_fds=(ready_fd,), stdin=subprocess.DEVNULL, stdout=logf,
+                                stderr=logf, cwd="/", start_new_session=True, env=_daemon_env())
+    proc.wait(timeout)  # the first process forks the daemon and exits at once
+
+
 def _daemon_env() -> dict[str, str]:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     return env
+
+
+def _fork_daemon(config: DaemonConfig, ready_fd: int) -> None:
+    """Fork twice (the daemon is nobody's child and has a session of its own); reap the first."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setsid()
+            if os.fork() == 0:
+                code = _forked_daemon(config, ready_fd)
+            else:
+                code = 0
+        finally:
+            os._exit(code)  # never return into the caller's code, never run its exit handlers
+    os.waitpid(pid, 0)
+
+
+def _forked_daemon(config: DaemonConfig, ready_fd: int) -> int:
+    """The daemon's life in a forked copy of the caller: first make it look like a fresh process."""
+    gc.freeze()  # the caller's objects are never collected (and finalized) a second time here
+    _isolate_fds(config.log_path, ready_fd)
+    _reset_signals()
+    os.chdir("/")
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(PROCESS_NAME)
+    except OSError:
+        pass
+    try:
+        from imagefs.fs.daemon import run_daemon
+
+        code = run_daemon(config, ready_fd)
+    except BaseException:  # stderr is the log by now
+        traceback.print_exc()
+        code = 1
+    logging.shutdown()
+    return code
+
+
+_inherited: list[object] = []  # the caller's std streams: kept alive, so they never flush here
+
+
+def _isolate_fds(log_path: str, keep: int) -> None:
+    """stdin from /dev/null, stdout and stderr to the log; every other inherited descriptor but
+    keep is pointed at /dev/null (not closed: objects of the caller still own those numbers)."""
+    inherited = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    os.dup2(null, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    for fd in inherited:  # (the one that listed /proc/self/fd is closed: harmless to point too)
+        if fd > 2 and fd not in (keep, null, log_fd):
+            os.dup2(null, fd, inheritable=False)
+    os.close(null)
+    os.close(log_fd)
+    _inherited.extend((sys.stdin, sys.stdout, sys.stderr))
+    sys.stdin = open(0, "r", closefd=False)
+    sys.stdout = open(1, "w", buffering=1, closefd=False, errors="backslashreplace")
+    sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
+
+
+def _reset_signals() -> None:
+    """Handlers the caller installed go back to the defaults a new interpreter has."""
+    for sig in signal.valid_signals():
+        try:
+            handler = signal.getsignal(sig)
+            if callable(handler) and handler is not signal.default_int_handler:
+                signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            continue
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.set_wakeup_fd(-1)
 
 
 def _wait_ready(fd: int, config: DaemonConfig, timeout: float) -> dict[str, Any]:
@@ -306,17 +431,20 @@ def read_state(path: str) -> dict[str, Any] | None:
 
 
 def daemon_alive(pid: int) -> bool:
-    """Whether pid is a running (not zombie) coldstart mount daemon."""
+    """Whether pid is a running (not zombie) coldstart mount daemon, forked or exec'd."""
     if pid <= 0:
         return False
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
+            head, tail = f.read().rsplit(b")", 1)
+        if tail.split()[0] in (b"Z", b"X"):
+            return False
+        if head.split(b"(", 1)[1] == PROCESS_NAME.encode():
+            return True
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except (OSError, IndexError):
+            return b"imagefs.fs.daemon" in f.read()
+    except (OSError, IndexError, ValueError):
         return False
-    return state not in (b"Z", b"X") and b"imagefs.fs.daemon" in cmdline
 
 
 def is_mounted(mountpoint: str) -> bool:
@@ -335,6 +463,11 @@ def mount_type(mountpoint: str) -> str | None:
     return None
 
 
+def unescape_mount_path(text: str) -> str:
+    """Undo the octal escapes (\\040 for space, ...) of /proc mount tables."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
 def _socket_of(mountpoint: str | os.PathLike[str]) -> str:
     mp = _abs(mountpoint)
     state = read_state(mount_paths(mp).state)
@@ -345,16 +478,22 @@ def _socket_of(mountpoint: str | os.PathLike[str]) -> str:
 
 def read_stats(mountpoint: str | os.PathLike[str]) -> dict[str, Any]:
     """The counters of the mount at mountpoint (see Daemon.stats)."""
+    from imagefs.fs import control
+
     return dict(control.request(_socket_of(mountpoint), "stats"))
 
 
 def read_trace(mountpoint: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The access trace: first touches of files and chunks, in order."""
+    from imagefs.fs import control
+
     return list(control.request(_socket_of(mountpoint), "trace", timeout=60.0))
 
 
 def prefetch(mountpoint: str | os.PathLike[str], chunks: list[tuple[str, int]]) -> int:
     """Ask the daemon to load these (digest, size) chunks in order, behind demand reads."""
+    from imagefs.fs import control
+
     reply = control.request(_socket_of(mountpoint), "prefetch", chunks=chunks)
     return int(reply["queued"])
 

@@ -1,77 +1,95 @@
-"""S3 backend over boto3, for AWS and for local S3 servers (SeaweedFS, MinIO, ...).
+"""S3 backend for AWS and for local S3 servers (SeaweedFS, MinIO, ...).
 
-Objects live under ``<prefix>/<key>`` in one bucket, addressed path-style. The bucket is
-created lazily, on the first put of each S3Store: a HEAD of the bucket, and CreateBucket if
-that says 404 (a put that is still answered NoSuchBucket creates it once more and repeats).
-Opening a store therefore does no network I/O (so every call that can fail is one that
+Objects live under ``<prefix>/<key>`` in one bucket, addressed path-style. Reads (get, get_range,
+exists) take the lean path of imagefs.store.s3fast: signed requests over keep-alive http.client
+connections, no boto3. Writes, deletes and listings (imports, gc) use boto3, imported only when
+one of them is first called, so a read-only process (the mount daemon, the runner's resolver)
+never imports it. Both paths sign with the same credentials and region.
+
+The bucket is created lazily, on the first put of each S3Store: a HEAD of the bucket, and
+CreateBucket if that says 404 (a put that is still answered NoSuchBucket creates it once more and
+repeats). Opening a store therefore does no network I/O (so every call that can fail is one that
 RetryingStore retries), and reads from a bucket that does not exist yet find nothing.
 
-botocore's own retries are switched off (one attempt per call); callers get
-TemporaryStoreError for anything worth retrying and wrap the store in RetryingStore.
-No botocore exception leaves this module: every one is mapped onto imagefs.errors.
+Each call makes one attempt (botocore's own retries are off); callers get TemporaryStoreError for
+anything worth retrying and wrap the store in RetryingStore. No botocore or http.client exception
+leaves this module: every one is mapped onto imagefs.errors.
 """
 from __future__ import annotations
 
+import functools
 import threading
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any, Iterator
 from urllib.parse import urlencode, urlparse
 
-import boto3
-from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectionError as BotoConnectionError,
-    HTTPClientError,
-    IncompleteReadError,
-)
-from urllib3.exceptions import HTTPError as URLLib3Error
-
 from imagefs.errors import BlobNotFound, StoreError, TemporaryStoreError
 from imagefs.store.base import BlobInfo, BlobStore, validate_key, validate_prefix
+from imagefs.store.s3fast import (
+    TEMPORARY_CODES,
+    TEMPORARY_STATUS,
+    Response,
+    S3Http,
+    endpoint_for,
+    one_line,
+    response_error,
+)
+from imagefs.store.sigv4 import LazyCredentials, Signer, resolve_region
 
 _NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404", "NoSuchBucket"})
-_TEMPORARY_CODES = frozenset(
-    {
-        "SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequests",
-        "RequestLimitExceeded", "RequestTimeout", "InternalError", "ServiceUnavailable",
-    }
-)
-_TEMPORARY_STATUS = frozenset({429, 500, 502, 503, 504})
-# Everything botocore or the transport under it may raise; all of it is mapped, none escapes.
-_TRANSPORT_ERRORS = (BotoCoreError, ClientError, URLLib3Error, OSError)
 _BUCKET_EXISTS = frozenset({"BucketAlreadyOwnedByYou", "BucketAlreadyExists"})
-# Credentials a local S3 server accepts; used only with an explicit endpoint and no real ones.
-_DUMMY_CREDENTIALS = {"aws_access_key_id": "coldstart", "aws_secret_access_key": "coldstart"}
 
 
-def _error_code(e: ClientError) -> tuple[str, int]:
+@functools.cache
+def _boto() -> SimpleNamespace:
+    """boto3 and the exception classes this module maps, imported on first use."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectionError as BotoConnectionError,
+        HTTPClientError,
+        IncompleteReadError,
+    )
+    from urllib3.exceptions import HTTPError as URLLib3Error
+
+    return SimpleNamespace(
+        boto3=boto3, Config=Config, BotoCoreError=BotoCoreError, ClientError=ClientError,
+        # Everything botocore or the transport under it may raise; all of it is mapped.
+        transport=(BotoCoreError, ClientError, URLLib3Error, OSError),
+        temporary=(BotoConnectionError, HTTPClientError, IncompleteReadError, URLLib3Error, OSError),
+    )
+
+
+def _error_code(e: Any) -> tuple[str, int]:
     code = str(e.response.get("Error", {}).get("Code", ""))
     status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
     return code, status
 
 
-def _is_not_found(e: ClientError) -> bool:
+def _is_not_found(e: Any) -> bool:
     code, status = _error_code(e)
     return code in _NOT_FOUND or (status == 404 and not code)
 
 
-def _is_temporary(e: ClientError) -> bool:
+def _is_temporary(e: Any) -> bool:
     code, status = _error_code(e)
-    return code in _TEMPORARY_CODES or status in _TEMPORARY_STATUS
+    return code in TEMPORARY_CODES or status in TEMPORARY_STATUS
 
 
 def _map_error(e: Exception, what: str) -> StoreError:
     """Translate a botocore/transport exception into the store error hierarchy."""
-    if isinstance(e, ClientError):
+    boto = _boto()
+    if isinstance(e, boto.ClientError):
         code, status = _error_code(e)
         detail = " ".join(str(e.response.get("Error", {}).get("Message", "")).split())[:200]
         msg = f"s3 {what}: {code or 'error'} (HTTP {status})" + (f": {detail}" if detail else "")
         return TemporaryStoreError(msg) if _is_temporary(e) else StoreError(msg)
-    if isinstance(e, (BotoConnectionError, HTTPClientError, IncompleteReadError, URLLib3Error, OSError)):
-        return TemporaryStoreError(f"s3 {what}: {_one_line(e)}")
-    return StoreError(f"s3 {what}: {_one_line(e)}")
+    if isinstance(e, boto.temporary):
+        return TemporaryStoreError(f"s3 {what}: {one_line(e)}")
+    return StoreError(f"s3 {what}: {one_line(e)}")
 
 
 def _is_http_url(url: str) -> bool:
@@ -79,13 +97,8 @@ def _is_http_url(url: str) -> bool:
     return parsed.scheme in ("http", "https") and bool(parsed.netloc)
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text[:300]
-
-
-def _client_config(max_pool: int, connect_timeout: float, read_timeout: float) -> Config:
-    return Config(
+def _client_config(max_pool: int, connect_timeout: float, read_timeout: float) -> Any:
+    return _boto().Config(
         max_pool_connections=max_pool,
         retries={"total_max_attempts": 1, "mode": "standard"},  # one attempt: RetryingStore retries
         connect_timeout=connect_timeout,
@@ -118,31 +131,85 @@ class S3Store(BlobStore):
         if self.prefix:
             validate_key(self.prefix)
         self.url = self._make_url(endpoint, region)
+        self.endpoint = endpoint
+        self.region = resolve_region(region)
+        self._credentials = LazyCredentials(endpoint)
+        self._http = S3Http(endpoint_for(endpoint, self.region), Signer(self.region), self._credentials,
+                            max_idle=max_pool, connect_timeout=connect_timeout, read_timeout=read_timeout)
+        self._timeouts = (max_pool, connect_timeout, read_timeout)
+        self._client_lock = threading.Lock()
+        self._client_obj: Any = None
         self._bucket_lock = threading.Lock()
         self._bucket_ready = False
-        config = _client_config(max_pool, connect_timeout, read_timeout)
-        try:
-            self._client = self._make_client(endpoint, region, config)
-        except (BotoCoreError, ValueError) as e:
-            raise StoreError(f"s3 client for {self.url}: {_one_line(e)}") from None
 
     def _make_url(self, endpoint: str | None, region: str | None) -> str:
         query = {k: v for k, v in (("endpoint", endpoint), ("region", region)) if v}
         base = f"s3://{self.bucket}/{self.prefix}"
         return f"{base}?{urlencode(query)}" if query else base
 
-    @staticmethod
-    def _make_client(endpoint: str | None, region: str | None, config: Config) -> Any:
-        session = boto3.session.Session()
-        creds: dict[str, str] = {}
-        if endpoint and session.get_credentials() is None:
-            creds = dict(_DUMMY_CREDENTIALS)
-        region = region or session.region_name or "us-east-1"
-        return session.client("s3", endpoint_url=endpoint, region_name=region, config=config, **creds)
-
     def _full(self, key: str) -> str:
         validate_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
+
+    # -- reads: the lean path ------------------------------------------------------------------
+    def _read(self, method: str, key: str, what: str, headers: dict[str, str] | None = None) -> Response:
+        return self._http.request(method, f"/{self.bucket}/{self._full(key)}", what, headers)
+
+    def get(self, key: str) -> bytes:
+        resp = self._read("GET", key, f"get {key}")
+        if resp.status == 404:
+            raise BlobNotFound(key)
+        if resp.status != 200:
+            raise response_error(f"get {key}", resp)
+        return resp.body
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError("offset and length must be >= 0")
+        if length == 0:
+            if not self.exists(key):
+                raise BlobNotFound(key)
+            return b""
+        what = f"get_range {key}"
+        resp = self._read("GET", key, what, {"Range": f"bytes={offset}-{offset + length - 1}"})
+        if resp.status == 404:
+            raise BlobNotFound(key)
+        if resp.status == 416:  # offset at or past the end: a short (empty) read
+            return b""
+        if resp.status not in (200, 206):
+            raise response_error(what, resp)
+        if "content-range" not in resp.headers:  # a server that ignored Range sent the whole blob
+            return resp.body[offset : offset + length]
+        return resp.body
+
+    def exists(self, key: str) -> bool:
+        resp = self._read("HEAD", key, f"exists {key}")
+        if resp.status == 404:
+            return False
+        if resp.status != 200:
+            raise response_error(f"exists {key}", resp)
+        return True
+
+    # -- writes, deletes, listings: boto3 ------------------------------------------------------
+    @property
+    def _client(self) -> Any:
+        with self._client_lock:
+            if self._client_obj is None:
+                self._client_obj = self._make_client()
+            return self._client_obj
+
+    def _make_client(self) -> Any:
+        boto = _boto()
+        creds = self._credentials.explicit()
+        keys = {} if creds is None else {"aws_access_key_id": creds.access_key,
+                                         "aws_secret_access_key": creds.secret_key,
+                                         "aws_session_token": creds.token or None}
+        try:
+            return boto.boto3.session.Session().client(
+                "s3", endpoint_url=self.endpoint, region_name=self.region,
+                config=_client_config(*self._timeouts), **keys)
+        except (boto.BotoCoreError, ValueError) as e:
+            raise StoreError(f"s3 client for {self.url}: {one_line(e)}") from None
 
     @contextmanager
     def _mapped(self, what: str) -> Iterator[None]:
@@ -150,47 +217,10 @@ class S3Store(BlobStore):
             yield
         except StoreError:
             raise
-        except _TRANSPORT_ERRORS as e:
-            raise _map_error(e, what) from None
-
-    def get(self, key: str) -> bytes:
-        full = self._full(key)
-        with self._mapped(f"get {key}"):
-            try:
-                resp = self._client.get_object(Bucket=self.bucket, Key=full)
-            except ClientError as e:
-                if _is_not_found(e):
-                    raise BlobNotFound(key) from None
-                raise
-            with resp["Body"] as body:
-                return body.read()
-
-    def get_range(self, key: str, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0:
-            raise ValueError("offset and length must be >= 0")
-        full = self._full(key)
-        if length == 0:
-            if not self.exists(key):
-                raise BlobNotFound(key)
-            return b""
-        with self._mapped(f"get_range {key}"):
-            return self._read_range(key, full, offset, length)
-
-    def _read_range(self, key: str, full: str, offset: int, length: int) -> bytes:
-        byte_range = f"bytes={offset}-{offset + length - 1}"
-        try:
-            resp = self._client.get_object(Bucket=self.bucket, Key=full, Range=byte_range)
-        except ClientError as e:
-            if _is_not_found(e):
-                raise BlobNotFound(key) from None
-            if _error_code(e)[1] == 416:  # offset at or past the end: a short (empty) read
-                return b""
+        except Exception as e:
+            if isinstance(e, _boto().transport):
+                raise _map_error(e, what) from None
             raise
-        with resp["Body"] as body:
-            data = body.read()
-        if not resp.get("ContentRange"):  # a server that ignored Range sent the whole blob
-            data = data[offset : offset + length]
-        return data
 
     def put(self, key: str, data: bytes) -> None:
         full = self._full(key)
@@ -199,7 +229,7 @@ class S3Store(BlobStore):
                 self._ensure_bucket()
             try:
                 self._client.put_object(Bucket=self.bucket, Key=full, Body=bytes(data))
-            except ClientError as e:
+            except _boto().ClientError as e:
                 if _error_code(e)[0] != "NoSuchBucket":
                     raise
                 self._create_bucket()  # deleted behind our back: make it again, once
@@ -212,7 +242,7 @@ class S3Store(BlobStore):
                 return
             try:
                 self._client.head_bucket(Bucket=self.bucket)
-            except ClientError as e:
+            except _boto().ClientError as e:
                 if _is_not_found(e):
                     self._create_bucket()
                 elif _is_temporary(e):
@@ -221,32 +251,20 @@ class S3Store(BlobStore):
 
     def _create_bucket(self) -> None:
         kwargs: dict[str, Any] = {"Bucket": self.bucket}
-        region = self._client.meta.region_name
-        if region and region != "us-east-1":
-            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        if self.region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
         try:
             self._client.create_bucket(**kwargs)
-        except ClientError as e:
+        except _boto().ClientError as e:
             if _error_code(e)[0] not in _BUCKET_EXISTS:
                 raise
-
-    def exists(self, key: str) -> bool:
-        full = self._full(key)
-        with self._mapped(f"exists {key}"):
-            try:
-                self._client.head_object(Bucket=self.bucket, Key=full)
-            except ClientError as e:
-                if _is_not_found(e):
-                    return False
-                raise
-            return True
 
     def delete(self, key: str) -> None:
         full = self._full(key)
         with self._mapped(f"delete {key}"):
             try:
                 self._client.delete_object(Bucket=self.bucket, Key=full)
-            except ClientError as e:
+            except _boto().ClientError as e:
                 if not _is_not_found(e):
                     raise
 
@@ -259,9 +277,13 @@ class S3Store(BlobStore):
                 for page in paginator.paginate(Bucket=self.bucket, Prefix=root + prefix):
                     for obj in page.get("Contents", []):
                         yield BlobInfo(obj["Key"][len(root) :], int(obj["Size"]), obj["LastModified"].timestamp())
-            except ClientError as e:
+            except _boto().ClientError as e:
                 if _error_code(e)[0] != "NoSuchBucket":  # no bucket yet: nothing to list
                     raise
 
     def close(self) -> None:
-        self._client.close()
+        self._http.close()
+        with self._client_lock:
+            client, self._client_obj = self._client_obj, None
+        if client is not None:
+            client.close()
