@@ -44,6 +44,7 @@ class Context:
     work: Path  # scratch: state dir, layers, pulled rootfs, caches
     native: dict[str, Path] = field(default_factory=dict)  # image ID -> exported rootfs
     gpus: str | None = None
+    prefetch_workers: int | None = None
     containerd: Any = None  # bench.containerd.ContainerdBench when the containerd mode runs
 
     @property
@@ -154,7 +155,8 @@ def run_lazy(ctx: Context, w: Workload, image_id: str, mode: str, rep: int, tag:
         shutil.rmtree(cache, ignore_errors=True)
     drop_page_cache()
     prefetch = mode == "prefetch"
-    provider = imagefs_provider(ctx.state_dir, ctx.store_url, str(cache), linger=True, prefetch=prefetch)
+    provider = imagefs_provider(ctx.state_dir, ctx.store_url, str(cache), linger=True, prefetch=prefetch,
+                                prefetch_workers=ctx.prefetch_workers)
     opts = _options(ctx, w, tag if prefetch else image_id)
     res = run(opts, provider, stdout=_discard, stderr=_discard)
     rec = _record(w, mode, rep, res)

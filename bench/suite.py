@@ -39,6 +39,7 @@ class Plan:
     network: str
     out: Path
     store: str | None
+    prefetch_workers: int | None = None
 
 
 def log(msg: str) -> None:
@@ -145,7 +146,8 @@ def run_suite(plan: Plan) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     with bench_store(plan) as (store_url, store_kind):
         configs, sizes = _push(ids, store_url)
-        ctx = modes.Context(store_url, work, prepare_natives(ids, work), gpus="all" if gpus else None)
+        ctx = modes.Context(store_url, work, prepare_natives(ids, work), gpus="all" if gpus else None,
+                            prefetch_workers=plan.prefetch_workers)
         with _containerd(plan, ids, work) as ctrd:
             ctx.containerd = ctrd
             try:

@@ -43,14 +43,16 @@ class StoreResolver:
 
 def imagefs_provider(state_dir: Path, store_url: str | None, cache_dir: str | None,
                      cache_size: int | None = None, *, linger: bool = True,
-                     prefetch: bool = True) -> SharedMountProvider:
+                     prefetch: bool = True, prefetch_workers: int | None = None) -> SharedMountProvider:
     """A LowerProvider serving images from the store through shared lazy mounts. With prefetch,
-    a mount started for a tag that has a start-up profile streams the profile's chunks."""
+    a mount started for a tag that has a start-up profile streams the profile's chunks, with
+    prefetch_workers parallel fetches (the fetcher's default when None)."""
     resolver = StoreResolver(store_url, prefetch, cache_dir)
+    tuning = {"limits": {"prefetch_workers": prefetch_workers}} if prefetch_workers else {}
 
     def start(key: str, mnt: Path) -> None:
         mount_image(store_url, key, mnt, cache_dir=cache_dir, cache_size=cache_size,
-                    profile=resolver.profiles.get(key, ""))
+                    profile=resolver.profiles.get(key, ""), **tuning)
 
     def stop(key: str, mnt: Path) -> None:
         if is_mounted(mnt):

@@ -17,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--network", choices=["loopback", "zonal", "regional"], default="loopback")
     p.add_argument("--repeat", type=int)
     p.add_argument("--out", type=Path, default=Path("bench-out"))
+    p.add_argument("--prefetch-workers", type=int, help="parallel prefetch fetches per mount (default: the fetcher's)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -24,6 +25,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from bench.suite import plan_from, run_suite
 
     plan = plan_from(args.suite, args.workload, args.mode, args.repeat, args.network, args.out, args.store)
+    plan.prefetch_workers = args.prefetch_workers
     doc = run_suite(plan)
     failed = sum(1 for r in doc["runs"] if not r["ok"])
     print(f"report: {args.out}/bench.md, {args.out}/bench.json, {args.out}/phases.png, {args.out}/ready_vs_size.png")
