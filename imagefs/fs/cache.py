@@ -1,8 +1,11 @@
 """The host chunk cache, shared by every mount and image on the machine, and a small memory tier.
 
 On disk: ``<root>/chunks/<first two hex>/<digest>`` holds the verified, decompressed content of a
-chunk. Files appear by rename of a complete temp file, and every read checks the blake3 again, so
+chunk. Files appear by rename of a complete temp file, and every load checks the blake3 again, so
 a torn or rotten file is dropped and refetched, never served (which is why no fsync is needed).
+A file this process has verified is kept open (a few, LRU) and parts of it are then read straight
+from the page cache without verifying again: the open descriptor pins the verified inode, which
+nothing rewrites in place (new content arrives by rename).
 Recency is the file's mtime, refreshed on a hit at most once a minute. The total is bounded:
 when a process sees it exceed the budget it takes ``<root>/lock`` (flock) and deletes the least
 recently used files down to 90 % of it. Several daemons may share one directory.
@@ -34,6 +37,7 @@ DEFAULT_MEMORY_SIZE = 256 << 20
 LOW_WATER = 0.9
 TOUCH_INTERVAL = 60.0
 STALE_TEMP_AGE = 3600.0
+OPEN_FILES = 64  # verified chunk files kept open for reads of parts
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
@@ -68,6 +72,7 @@ class DiskCounters:
     evictions: int = 0
     evicted_files: int = 0
     evicted_bytes: int = 0
+    part_reads: int = 0  # reads of parts of verified files served from the page cache
 
 
 class HostCache:
@@ -81,6 +86,8 @@ class HostCache:
         self._tmp = self.root / "tmp"
         self._lock_path = self.root / "lock"
         self._mutex = threading.Lock()
+        self._verified: dict[str, tuple[int, ...]] = {}  # digest -> _identity of the file checked
+        self._open: OrderedDict[str, int] = OrderedDict()  # verified files kept open (event loop only)
         try:
             self._tmp.mkdir(parents=True, exist_ok=True)
             self._chunks.mkdir(exist_ok=True)
@@ -106,16 +113,126 @@ class HostCache:
             return None
         try:
             data = os.pread(fd, size + 1, 0)
-            mtime = os.fstat(fd).st_mtime
+            ok = len(data) == size and blake3.blake3(data).hexdigest() == digest
+            if ok:
+                self._accept(fd, digest)
         finally:
             os.close(fd)
-        if len(data) != size or blake3.blake3(data).hexdigest() != digest:
+        if not ok:
             self._drop_corrupt(path, digest, len(data), size)
             return None
-        self._count(hits=1)
-        if time.time() - mtime > TOUCH_INTERVAL:
-            self._touch(path)
         return data
+
+    def verify(self, digest: Digest, size: int) -> bool:
+        """Check a file in place (no copy): True if it is present and right; a bad file is dropped."""
+        path = self.path(digest)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._count(misses=1)
+            return False
+        try:
+            got = os.fstat(fd).st_size
+            ok = got == size and _hash_file(fd, size) == digest
+            if ok:
+                self._accept(fd, digest)
+        finally:
+            os.close(fd)
+        if not ok:
+            self._drop_corrupt(path, digest, got, size)
+        return ok
+
+    def _accept(self, fd: int, digest: str) -> None:
+        """A file just verified: count the hit, refresh its recency, remember which file it was."""
+        self._count(hits=1)
+        st = os.fstat(fd)
+        if time.time() - st.st_mtime > TOUCH_INTERVAL:
+            try:
+                os.utime(fd)
+                st = os.fstat(fd)
+            except OSError:
+                pass
+        self._verified[digest] = _identity(st)
+
+    def is_verified(self, digest: Digest) -> bool:
+        return digest in self._verified
+
+    def read_part(self, digest: Digest, offset: int, length: int, *,
+                  wait: bool = False) -> bytearray | None:
+        """length bytes at offset of a file this process verified, else None (see read_into)."""
+        buf = bytearray(length)
+        return buf if self.read_into(digest, offset, memoryview(buf), wait=wait) else None
+
+    def read_into(self, digest: Digest, offset: int, dst: memoryview, *, wait: bool = False) -> bool:
+        """Fill dst from offset of a file this process verified; False if that cannot be done.
+
+        Without wait (event loop only), only bytes already in the page cache are read
+        (RWF_NOWAIT) from a file kept open; False then means "read it in a thread". With wait
+        (worker threads), the file is opened for this one read.
+        """
+        if digest not in self._verified:
+            return False
+        if wait:
+            fd = self._open_verified(digest)
+            if fd is None:
+                return False
+            try:
+                return self._pread(fd, offset, dst, 0)
+            finally:
+                os.close(fd)
+        fd = self._open.get(digest)
+        if fd is None:
+            fd = self._keep_open(digest)
+            if fd is None:
+                return False
+        else:
+            self._open.move_to_end(digest)
+        try:
+            return self._pread(fd, offset, dst, os.RWF_NOWAIT)
+        except OSError:
+            self._close_fd(digest)
+            return False
+
+    def _pread(self, fd: int, offset: int, dst: memoryview, flags: int) -> bool:
+        try:
+            n = os.preadv(fd, [dst], offset, flags)
+        except BlockingIOError:
+            return False
+        if n != len(dst):
+            return False
+        self.counters.part_reads += 1
+        return True
+
+    def _open_verified(self, digest: str) -> int | None:
+        """An fd of the very file this process verified (not a later one under its name)."""
+        try:
+            fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._verified.pop(digest, None)  # evicted: the next load verifies the new file
+            return None
+        if _identity(os.fstat(fd)) != self._verified.get(digest):
+            os.close(fd)
+            self._verified.pop(digest, None)
+            return None
+        return fd
+
+    def _keep_open(self, digest: str) -> int | None:
+        fd = self._open_verified(digest)
+        if fd is not None:
+            self._open[digest] = fd
+            while len(self._open) > OPEN_FILES:
+                os.close(self._open.popitem(last=False)[1])
+        return fd
+
+    def _close_fd(self, digest: str) -> None:
+        fd = self._open.pop(digest, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close_files(self) -> None:
+        """Close the verified files kept open (they are reopened on demand)."""
+        while self._open:
+            os.close(self._open.popitem()[1])
 
     def put(self, digest: Digest, data: bytes) -> None:
         """Add verified content; errors (disk full, ...) are logged and counted, never raised."""
@@ -163,12 +280,6 @@ class HostCache:
             pass
         with self._mutex:
             self._used = max(0, self._used - got)
-
-    def _touch(self, path: Path) -> None:
-        try:
-            os.utime(path)
-        except OSError:
-            pass
 
     def _count(self, **deltas: int) -> None:
         with self._mutex:
@@ -229,6 +340,33 @@ class HostCache:
             except OSError as e:
                 if e.errno != errno.ENOENT:
                     log.warning("host cache: cannot remove stale temp file %s: %s", entry.path, e)
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """Which file this is. A file put in its place (by a writer, or another one after eviction) has
+    another inode or mtime; only a rewrite in place within one clock tick would go unnoticed, and
+    cache files are never rewritten in place."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+_HASH_BLOCK = 1 << 20
+_scratch = threading.local()
+
+
+def _hash_file(fd: int, size: int) -> str:
+    """The blake3 hex digest of the first size bytes of an open file, read through a buffer that
+    each thread reuses (no copy of the whole chunk, no mapping that a truncation could break)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None:
+        buf = _scratch.buf = memoryview(bytearray(_HASH_BLOCK))
+    hasher, offset = blake3.blake3(), 0
+    while offset < size:
+        n = os.preadv(fd, [buf[:min(_HASH_BLOCK, size - offset)]], offset)
+        if n <= 0:
+            break
+        hasher.update(buf[:n])
+        offset += n
+    return hasher.hexdigest()
 
 
 @dataclass

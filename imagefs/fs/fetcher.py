@@ -9,6 +9,7 @@ waiters as ChunkUnavailable (EIO) and are forgotten: the next read tries again.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections import deque
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from imagefs.chunks import Digest
 from imagefs.errors import CorruptBlob, ImageFSError, StoreError
 from imagefs.fs.cache import HostCache, MemoryCache
 from imagefs.fs.errors import ChunkUnavailable
+from imagefs.fs.model import Data
 from imagefs.store.base import BlobStore
 
 log = logging.getLogger(__name__)
@@ -114,11 +116,22 @@ class ChunkFetcher:
             finally:
                 self._nursery = self._writes = None
                 writes.cancel_scope.deadline = trio.current_time() + self.limits.drain_timeout
+                if self.disk is not None:
+                    self.disk.close_files()
 
     # -- demand --------------------------------------------------------------------------------
     def peek(self, digest: Digest) -> bytes | None:
         """The content if the memory tier has it (a miss here is counted by the get that follows)."""
         return self.memory.get(digest, count_miss=False)
+
+    def peek_range(self, digest: Digest, offset: int, length: int) -> bytes | memoryview | None:
+        """Part of a chunk if it is at hand: in memory, or in the page cache as a verified file."""
+        data = self.memory.get(digest, count_miss=False)
+        if data is not None:
+            return memoryview(data)[offset:offset + length]
+        if self.disk is not None:
+            return self.disk.read_part(digest, offset, length)
+        return None
 
     async def get(self, digest: Digest, size: int) -> bytes:
         """The verified content of a chunk; ChunkUnavailable if it cannot be had."""
@@ -133,8 +146,43 @@ class ChunkFetcher:
         await flight.done.wait()
         if flight.error is not None:
             raise flight.error
-        assert flight.data is not None
+        if flight.data is None:  # a background check of the host-cache file: now load it whole
+            return await self.get(digest, size)
         return flight.data
+
+    def peek_into(self, digest: Digest, offset: int, dst: memoryview) -> bool:
+        """Copy part of a chunk into dst if it is at hand (see peek_range)."""
+        data = self.memory.get(digest, count_miss=False)
+        if data is not None:
+            dst[:] = memoryview(data)[offset:offset + len(dst)]
+            return True
+        return self.disk is not None and self.disk.read_into(digest, offset, dst)
+
+    async def get_range(self, digest: Digest, size: int, offset: int, length: int) -> Data:
+        """Part of a chunk, waiting if need be; a verified host-cache file is read only in part."""
+        flight = self._inflight.get(digest)
+        if flight is not None:
+            self.counters.joined += 1
+            await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            if flight.data is not None:
+                return memoryview(flight.data)[offset:offset + length]
+        part = self.peek_range(digest, offset, length)
+        if part is None and self.disk is not None and self.disk.is_verified(digest):
+            part = await self._part_from_disk(digest, offset, length)
+        if part is not None:
+            return part
+        return memoryview(await self.get(digest, size))[offset:offset + length]
+
+    async def _part_from_disk(self, digest: Digest, offset: int, length: int) -> Data | None:
+        assert self.disk is not None
+        read = functools.partial(self.disk.read_part, digest, offset, length, wait=True)
+        try:
+            return await trio.to_thread.run_sync(read, limiter=self._disk_slots)
+        except OSError as e:
+            log.warning("host cache: cannot read chunk %s: %s", digest, e)
+            return None
 
     def _launch(self, digest: Digest, size: int, kind: str) -> _Flight:
         if self._nursery is None:
@@ -146,11 +194,9 @@ class ChunkFetcher:
     async def _load(self, digest: Digest, size: int, kind: str, flight: _Flight) -> None:
         from_store = False  # only chunks from the store are written to the host cache
         try:
-            data = await self._from_disk(digest, size)
-            if data is None:
-                data = await self._from_store(digest, size, kind)
-                from_store = True
-            self.memory.put(digest, data)
+            data, from_store = await self._obtain(digest, size, kind)
+            if data is not None:
+                self.memory.put(digest, data)
             flight.data = data
         except ChunkUnavailable as e:
             self.counters.errors += 1
@@ -164,6 +210,31 @@ class ChunkFetcher:
             flight.done.set()
         if from_store and flight.data is not None and self._writes is not None:
             self._writes.start_soon(self._write_back, digest, flight.data, name=f"cache-{digest[:12]}")
+
+    async def _obtain(self, digest: Digest, size: int, kind: str) -> tuple[bytes | None, bool]:
+        """(content, whether it came from the store). A background load of a chunk the host cache
+        has only checks the file in place (content None): readers then take parts of it."""
+        if self.disk is not None:
+            if kind == DEMAND:
+                data = await self._from_disk(digest, size)
+                if data is not None:
+                    return data, False
+            elif await self._verify_on_disk(digest, size):
+                return None, False
+        return await self._from_store(digest, size, kind), True
+
+    async def _verify_on_disk(self, digest: Digest, size: int) -> bool:
+        assert self.disk is not None
+        try:
+            return await trio.to_thread.run_sync(self.disk.verify, digest, size,
+                                                 limiter=self._disk_slots)
+        except OSError as e:  # an unreadable cache is a miss, not an error
+            log.warning("host cache: cannot read chunk %s: %s", digest, e)
+            return False
+
+    def _at_hand(self, digest: Digest) -> bool:
+        """In memory, or a host-cache file this process has verified."""
+        return digest in self.memory or (self.disk is not None and self.disk.is_verified(digest))
 
     async def _write_back(self, digest: Digest, data: bytes) -> None:
         if self.disk is None:
@@ -219,7 +290,7 @@ class ChunkFetcher:
     def _enqueue(self, kind: str, chunks: Sequence[tuple[Digest, int]]) -> None:
         queue, added = self._queues[kind], False
         for digest, size in chunks:
-            if digest in self._queued or digest in self._inflight or digest in self.memory:
+            if digest in self._queued or digest in self._inflight or self._at_hand(digest):
                 continue
             self._queued.add(digest)
             queue.append((digest, size))
@@ -239,7 +310,7 @@ class ChunkFetcher:
                 await self._wakeups[kind].wait()
             digest, size = queue.popleft()
             self._queued.discard(digest)
-            if digest in self.memory:
+            if self._at_hand(digest):
                 self.counters.background_skipped += 1
                 continue
             flight = self._inflight.get(digest) or self._launch(digest, size, kind)

@@ -73,6 +73,8 @@ class OpMetrics:
     def __init__(self) -> None:
         self.ops: dict[str, OpStats] = {}
         self.read_bytes = 0
+        self.pushed_files = 0  # small files put into the page cache on open (no read needed)
+        self.pushed_bytes = 0
 
     def record(self, op: str, ns: int, failed: bool = False) -> None:
         stats = self.ops.get(op)
@@ -81,5 +83,6 @@ class OpMetrics:
         stats.add(ns, failed)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"read_bytes": self.read_bytes,
+        return {"read_bytes": self.read_bytes, "pushed_files": self.pushed_files,
+                "pushed_bytes": self.pushed_bytes,
                 "ops": {name: s.as_dict() for name, s in sorted(self.ops.items())}}

@@ -9,7 +9,7 @@ import itertools
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 import trio
 
@@ -22,7 +22,11 @@ from imagefs.index import ImageIndex, Inode
 BLOCK_SIZE = 4096
 IO_BLOCK_SIZE = 128 * 1024  # st_blksize: a hint to readers to ask for big pieces
 NAME_MAX = 255
+PUSH_MAX = 256 * 1024  # files up to this size may be handed to the kernel whole when first opened
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+
+Data = bytes | memoryview | bytearray
 
 
 class ChunkSource(Protocol):
@@ -35,6 +39,19 @@ class ChunkSource(Protocol):
 
     def readahead(self, chunks: Sequence[tuple[Digest, int]]) -> None:
         """Start fetching these chunks in the background, if not already there."""
+
+
+@runtime_checkable
+class PartSource(ChunkSource, Protocol):
+    """A ChunkSource that can also hand out parts of chunks without loading them whole."""
+
+    def peek_range(self, digest: Digest, offset: int, length: int) -> Data | None:
+        """The part if it is at hand right now (memory, a verified file in the page cache)."""
+
+    def peek_into(self, digest: Digest, offset: int, dst: memoryview) -> bool:
+        """Copy the part at offset into dst if it is at hand right now; False if not."""
+
+    async def get_range(self, digest: Digest, size: int, offset: int, length: int) -> Data: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +92,9 @@ class ReadaheadPolicy:
     min_bytes: int = 256 * 1024
     max_bytes: int = 32 * 1024 * 1024
     slack: int = 256 * 1024  # how far a read may start from the previous end and still count
+    # Chunks after one a read must wait for, in image order: files are stored in tree order, so
+    # the next chunk often holds what is read next (the rest of a package, of a library).
+    neighbors: int = 1
 
     def window(self, streak: int) -> int:
         if streak <= 0 or self.max_bytes <= 0:
@@ -94,20 +114,24 @@ class OpenFile:
 class _Handles:
     files: dict[int, OpenFile] = field(default_factory=dict)
     counter: "itertools.count[int]" = field(default_factory=lambda: itertools.count(1))
+    per_inode: dict[int, int] = field(default_factory=dict)  # open handles of each inode
+    pushed: set[int] = field(default_factory=set)  # inodes whose whole content was handed out
 
 
 class ImageFS:
     """A read-only filesystem over one image index."""
 
     def __init__(self, index: ImageIndex, source: ChunkSource, *, trace: AccessTrace | None = None,
-                 readahead: ReadaheadPolicy = ReadaheadPolicy()) -> None:
+                 readahead: ReadaheadPolicy = ReadaheadPolicy(), push_max: int = PUSH_MAX) -> None:
         self.index = index
+        self.push_max = push_max
         self.source = source
         self.trace = trace
         self.readahead_policy = readahead
         self._handles = _Handles()
         self._listings: dict[int, list[tuple[bytes, int]]] = {}
         self._file_bytes = index.file_bytes
+        self._parts = source if isinstance(source, PartSource) else None
 
     # -- metadata ------------------------------------------------------------------------------
     def inode(self, ino: int) -> Inode:
@@ -195,17 +219,49 @@ class ImageFS:
             raise IsADirectory(f"inode {ino} is a directory")
         fh = next(self._handles.counter)
         self._handles.files[fh] = OpenFile(ino, node)
+        self._handles.per_inode[ino] = self._handles.per_inode.get(ino, 0) + 1
         if self.trace is not None:
             self.trace.file(ino)
         return fh
 
     def release(self, fh: int) -> None:
-        self._handles.files.pop(fh, None)
+        handle = self._handles.files.pop(fh, None)
+        if handle is not None:
+            left = self._handles.per_inode.pop(handle.ino) - 1
+            if left:
+                self._handles.per_inode[handle.ino] = left
+
+    def contents_to_push(self, fh: int) -> Data | None:
+        """The whole content of a small file just opened for the first time, if it is at hand.
+
+        A caller may hand it to the kernel's page cache before the open completes, which spares
+        the read: no read of the file can be in flight then, as no other handle is open. Each
+        inode is handed out once; the chunks are traced as if read.
+        """
+        handle = self._handles.files[fh]
+        ino, node = handle.ino, handle.inode
+        if (ino in self._handles.pushed or self._handles.per_inode.get(ino) != 1
+                or not node.is_reg or not 0 < node.size <= self.push_max):
+            return None
+        pieces = self.pieces(node, 0, node.size)
+        if len(pieces) == 1:
+            data = self._peek(pieces[0])
+        else:
+            out = bytearray(node.size)
+            view = memoryview(out)
+            ok = all(self._peek_into(p, view[p.file_offset:p.file_offset + p.length]) for p in pieces)
+            data = out if ok else None
+        if data is not None:
+            self._handles.pushed.add(ino)
+            if self.trace is not None:
+                for p in pieces:
+                    self.trace.chunk(p.chunk, ino, p.file_offset)
+        return data
 
     def pieces(self, inode: Inode, offset: int, size: int) -> list[Piece]:
         return [Piece(*p) for p in inode.extents_for(offset, size)] if inode.is_reg else []
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
+    async def read(self, fh: int, offset: int, size: int) -> Data:
         """Up to size bytes at offset; short only at the end of the file."""
         handle = self._handles.files.get(fh)
         if handle is None:
@@ -214,30 +270,62 @@ class ImageFS:
         self._note_read(handle, pieces, offset, size)
         if not pieces:
             return b""
-        data = await self._fetch(pieces)
         if len(pieces) == 1:
-            p = pieces[0]
-            return memoryview(data[0])[p.offset:p.offset + p.length]  # type: ignore[arg-type]
-        return b"".join(memoryview(d)[p.offset:p.offset + p.length]  # type: ignore[arg-type]
-                        for d, p in zip(data, pieces))
+            part = self._peek(pieces[0])
+            return part if part is not None else await self._wait_for(pieces[0])
+        return await self._gather(pieces)
 
-    async def _fetch(self, pieces: list[Piece]) -> list[bytes | None]:
-        """The chunks of the pieces: those in memory at once, the others loaded concurrently."""
-        chunks, sizes = self.index.chunks, self.index.chunk_sizes
-        out = [self.source.peek(chunks[p.chunk]) for p in pieces]
-        missing = [i for i, data in enumerate(out) if data is None]
+    def _load_neighbors(self, chunk: int) -> None:
+        """Chunk must be waited for: start loading the chunks after it in the background."""
+        n = self.readahead_policy.neighbors
+        last = min(chunk + n, len(self.index.chunks) - 1)
+        if last > chunk:
+            chunks, sizes = self.index.chunks, self.index.chunk_sizes
+            self.source.readahead([(chunks[c], sizes[c]) for c in range(chunk + 1, last + 1)])
+
+    def _peek(self, p: Piece) -> Data | None:
+        """The piece if it can be had without waiting (no copy when it is in memory)."""
+        digest = self.index.chunks[p.chunk]
+        if self._parts is not None:
+            return self._parts.peek_range(digest, p.offset, p.length)
+        data = self.source.peek(digest)
+        return None if data is None else memoryview(data)[p.offset:p.offset + p.length]
+
+    async def _wait_for(self, p: Piece) -> Data:
+        self._load_neighbors(p.chunk)
+        digest, size = self.index.chunks[p.chunk], self.index.chunk_sizes[p.chunk]
+        if self._parts is not None:
+            return await self._parts.get_range(digest, size, p.offset, p.length)
+        return memoryview(await self.source.get(digest, size))[p.offset:p.offset + p.length]
+
+    async def _gather(self, pieces: list[Piece]) -> bytearray:
+        """Several pieces, each copied once into one buffer; the missing ones loaded concurrently."""
+        start = pieces[0].file_offset
+        out = bytearray(pieces[-1].file_offset + pieces[-1].length - start)
+        view = memoryview(out)
+        slots = [view[p.file_offset - start:p.file_offset - start + p.length] for p in pieces]
+        missing = [i for i, p in enumerate(pieces) if not self._peek_into(p, slots[i])]
+
+        async def one(i: int) -> None:
+            slots[i][:] = await self._wait_for(pieces[i])
+
         if len(missing) == 1:
-            c = pieces[missing[0]].chunk
-            out[missing[0]] = await self.source.get(chunks[c], sizes[c])
+            await one(missing[0])
         elif missing:
-            async def one(i: int) -> None:
-                c = pieces[i].chunk
-                out[i] = await self.source.get(chunks[c], sizes[c])
-
             async with trio.open_nursery() as nursery:
                 for i in missing:
                     nursery.start_soon(one, i)
         return out
+
+    def _peek_into(self, p: Piece, dst: memoryview) -> bool:
+        digest = self.index.chunks[p.chunk]
+        if self._parts is not None:
+            return self._parts.peek_into(digest, p.offset, dst)
+        data = self.source.peek(digest)
+        if data is None:
+            return False
+        dst[:] = memoryview(data)[p.offset:p.offset + p.length]
+        return True
 
     def _note_read(self, handle: OpenFile, pieces: list[Piece], offset: int, size: int) -> None:
         """Trace first touches and start readahead for sequential readers."""
