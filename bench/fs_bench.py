@@ -1,6 +1,8 @@
 """FUSE hot-path benchmark: `import torch` natively and on a lazy mount, and 1 GiB sequential reads.
 
-Run as root: ``python -m bench.fs_bench [--repeat N] [--only torch|read] [--out FILE]``.
+Run as root: ``python -m bench.fs_bench [--repeat N] [--only torch|read] [--tree LABEL=DIR ...]``.
+Each --tree is a checkout whose own CLI and mount daemon serve the lazy modes, so two versions of
+the code (e.g. base=... new=...) are compared within one run; the default is this checkout.
 
 Workload modes, interleaved within each repeat so that the ratios compare the same moments of a
 noisy machine (medians over the repeats):
@@ -24,9 +26,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
-
 from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from bench.util import drop_page_cache, machine, median, write_json
 
@@ -40,33 +41,45 @@ TORCH_MODES = ["native_cold", "native_warm", "lazy_cold", "lazy_second", "lazy_w
 READ_MODES = ["read_native_disk", "read_lazy_cold", "read_host_hot", "read_host_disk"]
 
 
+class Tree:
+    """A checkout of this project whose CLI mounts, unmounts and queries (its own daemon code)."""
+
+    def __init__(self, label: str, root: Path, run_dir: Path) -> None:
+        self.label = label
+        self.root = root
+        self.env = {**os.environ, "PYTHONPATH": str(root), "COLDSTART_RUN_DIR": str(run_dir)}
+
+    def cli(self, *args: str) -> str:
+        res = subprocess.run([sys.executable, "-m", "tools.cli", *args], cwd=self.root, env=self.env,
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"coldstart {' '.join(args)} ({self.label}): {res.stderr.strip()[-500:]}")
+        return res.stdout
+
+
 class Bench:
     """Paths and helpers of one benchmark run."""
 
-    def __init__(self, work: Path, rootfs: Path, code: str) -> None:
+    def __init__(self, work: Path, rootfs: Path, code: str, readahead_kb: int = 0) -> None:
         self.work = work
+        self.readahead_kb = readahead_kb  # 0: the daemon's own setting
         self.rootfs = rootfs
         self.code = code
         self.store_url = f"file://{work / 'store'}"
         self.cache = work / "cache"
         self.mnt = work / "mnt"
         self.mnt.mkdir(parents=True, exist_ok=True)
-        os.environ["COLDSTART_RUN_DIR"] = str(work / "run")  # never meet other people's mounts
+        self.run_dir = work / "run"  # never meet other people's mounts
+
+    def tree(self, label: str, root: Path) -> Tree:
+        return Tree(label, root, self.run_dir)
 
     # -- images ----------------------------------------------------------------------------------
-    def ensure_image(self, src: Path, ref: str) -> None:
-        from imagefs.images import resolve
-        from imagefs.store.factory import open_store
-        store = open_store(self.store_url)
-        try:
-            resolve(store, ref)
-            return
-        except Exception:
-            pass
-        finally:
-            store.close()
-        subprocess.run([sys.executable, "-m", "tools.cli", "import", str(src), ref, "--store",
-                        self.store_url], check=True, stdout=subprocess.DEVNULL)
+    def ensure_image(self, tree: Tree, src: Path, ref: str) -> None:
+        if ref.encode() not in subprocess.run(
+                [sys.executable, "-m", "tools.cli", "images", "--store", self.store_url],
+                cwd=tree.root, env=tree.env, capture_output=True).stdout:
+            tree.cli("import", str(src), ref, "--store", self.store_url)
 
     def big_file_dir(self) -> Path:
         src = self.work / "big"
@@ -83,28 +96,27 @@ class Bench:
         shutil.rmtree(self.cache, ignore_errors=True)
 
     @contextmanager
-    def mounted(self, ref: str) -> Iterator[Path]:
-        from imagefs.fs.mounts import mount_image
+    def mounted(self, tree: Tree, ref: str) -> Iterator[Path]:
         try:
-            mount_image(self.store_url, ref, self.mnt, cache_dir=self.cache)
+            tree.cli("mount", ref, str(self.mnt), "--store", self.store_url, "--cache", str(self.cache))
+            if self.readahead_kb:
+                set_readahead(str(self.mnt), self.readahead_kb)
             yield self.mnt
         finally:
-            self.unmount()
+            self.unmount(tree)
 
-    def unmount(self) -> None:
-        from imagefs.fs.mounts import is_mounted, unmount
+    def unmount(self, tree: Tree) -> None:
         mp = str(self.mnt)
         try:
             if is_mounted(mp):
-                unmount(mp)
+                tree.cli("umount", mp)
         except Exception as e:
             print(f"unmount {mp}: {e}; detaching", file=sys.stderr)
         if is_mounted(mp):
             subprocess.run(["umount", "-l", mp], check=False)
 
-    def stats(self) -> dict[str, Any]:
-        from imagefs.fs.mounts import read_stats
-        return read_stats(self.mnt)
+    def stats(self, tree: Tree) -> dict[str, Any]:
+        return json.loads(tree.cli("stats", str(self.mnt), "--json"))
 
     # -- workloads -------------------------------------------------------------------------------
     def run_code(self, root: Path) -> float:
@@ -117,6 +129,19 @@ class Bench:
         if res.returncode != 0:
             raise RuntimeError(f"{self.code!r} in {root} failed: {res.stderr.strip()[-500:]}")
         return secs
+
+
+def is_mounted(mp: str) -> bool:
+    """Whether a coldstart FUSE mount sits at mp (from /proc/self/mounts; paths here need no escapes)."""
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1:3] == [mp, "fuse.coldstart"] for line in f)
+
+
+def set_readahead(mp: str, kb: int) -> None:
+    """Override the kernel readahead of the mount at mp (a what-if for the daemon's setting)."""
+    with open("/proc/self/mountinfo") as f:
+        dev = [line.split()[2] for line in f if line.split()[4] == mp][-1]
+    Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(f"{kb}\n")
 
 
 def read_file(path: Path) -> float:
@@ -144,69 +169,88 @@ def op_counts(stats: dict[str, Any], before: dict[str, Any] | None = None) -> di
 
 
 # -- one repeat of each group ----------------------------------------------------------------------
-def torch_round(b: Bench, rec: Callable[[str, float, dict[str, Any] | None], None]) -> None:
+Recorder = Callable[[str, float, "dict[str, Any] | None"], None]
+
+
+def torch_native(b: Bench, rec: Recorder) -> None:
     drop_page_cache()
     rec("native_cold", b.run_code(b.rootfs), None)
     rec("native_warm", b.run_code(b.rootfs), None)
+
+
+def torch_lazy(b: Bench, t: Tree, rec: Recorder) -> None:
     b.clear_host_cache()
-    with b.mounted("torch:1") as mnt:
+    with b.mounted(t, "torch:1") as mnt:
         drop_page_cache()
         secs = b.run_code(mnt)
-        first = b.stats()
+        first = b.stats(t)
         rec("lazy_cold", secs, op_counts(first))
         secs = b.run_code(mnt)
-        rec("lazy_second", secs, op_counts(b.stats(), first))
-    with b.mounted("torch:1") as mnt:
+        rec("lazy_second", secs, op_counts(b.stats(t), first))
+    with b.mounted(t, "torch:1") as mnt:
         drop_page_cache()
         secs = b.run_code(mnt)
-        rec("lazy_warm_host", secs, op_counts(b.stats()))
+        rec("lazy_warm_host", secs, op_counts(b.stats(t)))
 
 
-def read_round(b: Bench, big_src: Path, rec: Callable[[str, float, dict[str, Any] | None], None]) -> None:
+def read_native(b: Bench, big_src: Path, rec: Recorder) -> None:
     drop_page_cache()
     rec("read_native_disk", read_file(big_src / "big.bin"), None)
+
+
+def read_lazy(b: Bench, t: Tree, rec: Recorder) -> None:
     b.clear_host_cache()
-    with b.mounted("big:1") as mnt:
+    with b.mounted(t, "big:1") as mnt:
         drop_page_cache()
-        rec("read_lazy_cold", read_file(mnt / "big.bin"), op_counts(b.stats()))
-    with b.mounted("big:1") as mnt:  # the host cache files are still in the page cache
-        rec("read_host_hot", read_file(mnt / "big.bin"), op_counts(b.stats()))
-    with b.mounted("big:1") as mnt:
+        rec("read_lazy_cold", read_file(mnt / "big.bin"), op_counts(b.stats(t)))
+    with b.mounted(t, "big:1") as mnt:  # the host cache files are still in the page cache
+        rec("read_host_hot", read_file(mnt / "big.bin"), op_counts(b.stats(t)))
+    with b.mounted(t, "big:1") as mnt:
         drop_page_cache()
-        rec("read_host_disk", read_file(mnt / "big.bin"), op_counts(b.stats()))
+        rec("read_host_disk", read_file(mnt / "big.bin"), op_counts(b.stats(t)))
 
 
 # -- report ----------------------------------------------------------------------------------------
-def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
-    modes = [m for m in TORCH_MODES + READ_MODES if any(r["mode"] == m for r in records)]
-    rows = {}
-    for m in modes:
-        vals = [r["value"] for r in records if r["mode"] == m]
-        last_ops = [r["ops"] for r in records if r["mode"] == m and r["ops"]]
-        rows[m] = {"median": median(vals), "min": min(vals), "max": max(vals), "runs": len(vals),
-                   "unit": "MB/s" if m.startswith("read") else "s", "ops": last_ops[-1] if last_ops else {}}
-    ratios = {m: {"vs": base, "ratio": rows[m]["median"] / rows[base]["median"], "target": t}
-              for m, (base, t) in TARGETS.items() if m in rows and base in rows}
-    return {"modes": rows, "ratios": ratios}
+def summarise(records: list[dict[str, Any]], trees: list[str]) -> dict[str, Any]:
+    """Per tree and mode: median, min, max and the op counts of the last run; ratios to native."""
+    modes: dict[str, dict[str, Any]] = {}
+    for label in ["native", *trees]:
+        for m in TORCH_MODES + READ_MODES:
+            vals = [r["value"] for r in records if r["tree"] == label and r["mode"] == m]
+            if not vals:
+                continue
+            ops = [r["ops"] for r in records if r["tree"] == label and r["mode"] == m and r["ops"]]
+            modes.setdefault(label, {})[m] = {
+                "median": median(vals), "min": min(vals), "max": max(vals), "runs": len(vals),
+                "unit": "MB/s" if m.startswith("read") else "s", "ops": ops[-1] if ops else {}}
+    native = modes.get("native", {})
+    ratios = {label: {m: {"vs": base, "ratio": rows[m]["median"] / native[base]["median"], "target": t}
+                      for m, (base, t) in TARGETS.items() if m in rows and base in native}
+              for label, rows in modes.items() if label != "native"}
+    return {"modes": modes, "ratios": ratios}
 
 
 def table(summary: dict[str, Any]) -> str:
-    lines = [f"{'mode':<18}{'median':>10}{'min':>10}{'max':>10}  unit  runs"]
-    for m, r in summary["modes"].items():
-        lines.append(f"{m:<18}{r['median']:>10.2f}{r['min']:>10.2f}{r['max']:>10.2f}  {r['unit']:<5} {r['runs']}")
+    lines = [f"{'tree':<10}{'mode':<18}{'median':>10}{'min':>10}{'max':>10}  unit  runs"]
+    for label, rows in summary["modes"].items():
+        for m, r in rows.items():
+            lines.append(f"{label:<10}{m:<18}{r['median']:>10.2f}{r['min']:>10.2f}{r['max']:>10.2f}"
+                         f"  {r['unit']:<5} {r['runs']}")
     lines.append("")
-    for m, r in summary["ratios"].items():
-        ok = "ok" if r["ratio"] <= r["target"] else "MISS"
-        lines.append(f"{m} / {r['vs']}: {r['ratio']:.2f}x (target <= {r['target']}x) {ok}")
-    lines.append("")
-    lines.append(ops_table(summary["modes"]))
+    for label, ratios in summary["ratios"].items():
+        for m, r in ratios.items():
+            ok = "ok" if r["ratio"] <= r["target"] else "MISS"
+            lines.append(f"{label:<10}{m} / {r['vs']}: {r['ratio']:.2f}x (target <= {r['target']}x) {ok}")
+    for label, rows in summary["modes"].items():
+        if label != "native":
+            lines += ["", f"{label}: " + ops_table(rows)]
     return "\n".join(lines)
 
 
 def ops_table(rows: dict[str, Any]) -> str:
     with_ops = {m: r["ops"] for m, r in rows.items() if r["ops"]}
     names = sorted({op for ops in with_ops.values() for op in ops})
-    lines = [f"{'op counts (mean µs)':<20}" + "".join(f"{m:>22}" for m in with_ops)]
+    lines = [f"{'op count (mean µs)':<20}" + "".join(f"{m:>22}" for m in with_ops)]
     for op in names:
         cells = []
         for ops in with_ops.values():
@@ -216,42 +260,68 @@ def ops_table(rows: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def parse_tree(text: str) -> tuple[str, Path]:
+    label, _, path = text.partition("=")
+    if not path or not Path(path, "tools", "cli.py").is_file():
+        raise argparse.ArgumentTypeError(f"want LABEL=DIR of a checkout of this project: {text!r}")
+    return label, Path(path).resolve()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fs_bench", description=__doc__.split("\n")[0])
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--only", choices=["torch", "read"], help="run one group only")
+    p.add_argument("--tree", type=parse_tree, action="append", metavar="LABEL=DIR",
+                   help="code to mount with (repeat to compare, e.g. base=... new=...); default: "
+                        "this checkout")
     p.add_argument("--rootfs", type=Path, default=ROOTFS)
     p.add_argument("--code", default=CODE, help="Python code to time in the chroot")
     p.add_argument("--work", type=Path, default=Path("/var/tmp/fs_bench"), help="store, cache, mounts")
     p.add_argument("--out", type=Path, help="JSON results (default WORK/result.json)")
+    p.add_argument("--kernel-readahead-kb", type=int, default=0,
+                   help="override the mounts' kernel readahead (default: what the daemon sets)")
     args = p.parse_args(argv)
-    b = Bench(args.work, args.rootfs, args.code)
-    records: list[dict[str, Any]] = []
-
-    def rec(mode: str, value: float, ops: dict[str, Any] | None) -> None:
-        records.append({"mode": mode, "value": value, "ops": ops or {}})
-        print(f"  {mode:<18} {value:8.2f}", file=sys.stderr, flush=True)
-
-    big_src = None
-    if args.only != "read":
-        b.ensure_image(args.rootfs, "torch:1")
-    if args.only != "torch":
-        big_src = b.big_file_dir()
-        b.ensure_image(big_src, "big:1")
-    try:
-        for i in range(args.repeat):
-            print(f"repeat {i + 1}/{args.repeat}", file=sys.stderr, flush=True)
-            if args.only != "read":
-                torch_round(b, rec)
-            if big_src is not None:
-                read_round(b, big_src, rec)
-    finally:
-        b.unmount()
-    summary = summarise(records)
-    doc = {"machine": machine(), "code": args.code, "repeat": args.repeat, "records": records, **summary}
+    b = Bench(args.work, args.rootfs, args.code, args.kernel_readahead_kb)
+    trees = [b.tree(label, root) for label, root in args.tree or [("this", Path(__file__).parents[1])]]
+    records = run(b, trees, args.repeat, args.only)
+    summary = summarise(records, [t.label for t in trees])
+    doc = {"machine": machine(), "code": args.code, "repeat": args.repeat, "records": records,
+           "kernel_readahead_kb": args.kernel_readahead_kb,
+           "trees": {t.label: str(t.root) for t in trees}, **summary}
     write_json(args.out or args.work / "result.json", doc)
     print(table(summary))
     return 0
+
+
+def run(b: Bench, trees: list[Tree], repeat: int, only: str | None) -> list[dict[str, Any]]:
+    """The interleaved rounds: native first, then each tree, in every repeat."""
+    records: list[dict[str, Any]] = []
+
+    def recorder(label: str) -> Recorder:
+        def rec(mode: str, value: float, ops: dict[str, Any] | None) -> None:
+            records.append({"tree": label, "mode": mode, "value": value, "ops": ops or {}})
+            print(f"  {label:<8} {mode:<18} {value:8.2f}", file=sys.stderr, flush=True)
+        return rec
+
+    big_src = b.big_file_dir() if only != "torch" else None
+    if only != "read":
+        b.ensure_image(trees[0], b.rootfs, "torch:1")
+    if big_src is not None:
+        b.ensure_image(trees[0], big_src, "big:1")
+    try:
+        for i in range(repeat):
+            print(f"repeat {i + 1}/{repeat}", file=sys.stderr, flush=True)
+            if only != "read":
+                torch_native(b, recorder("native"))
+                for t in trees:
+                    torch_lazy(b, t, recorder(t.label))
+            if big_src is not None:
+                read_native(b, big_src, recorder("native"))
+                for t in trees:
+                    read_lazy(b, t, recorder(t.label))
+    finally:
+        b.unmount(trees[0])
+    return records
 
 
 if __name__ == "__main__":
