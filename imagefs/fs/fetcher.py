@@ -6,6 +6,10 @@ CapacityLimiter; blake3 verification and zstd decompression happen in the same t
 event loop. Readahead and prefetch are queues served by a few background workers, so they never
 hold more than a few of the store slots that demand reads need. Errors of one load reach all its
 waiters as ChunkUnavailable (EIO) and are forgotten: the next read tries again.
+
+Parts of chunks (peek_range, peek_into, get_range) also come from host-cache files this process
+has verified, read straight from the page cache on the event loop when they are resident there
+(no thread hop), else in a worker thread.
 """
 from __future__ import annotations
 
@@ -212,10 +216,12 @@ class ChunkFetcher:
             self._writes.start_soon(self._write_back, digest, flight.data, name=f"cache-{digest[:12]}")
 
     async def _obtain(self, digest: Digest, size: int, kind: str) -> tuple[bytes | None, bool]:
-        """(content, whether it came from the store). A background load of a chunk the host cache
-        has only checks the file in place (content None): readers then take parts of it."""
+        """(content, whether it came from the store). A prefetch of a chunk the host cache has only
+        checks the file in place (content None): readers then take parts of it from the page
+        cache, and a long profile does not flush the memory tier. Demand and readahead loads
+        (wanted soon) copy the chunk into memory in the worker thread, off the event loop."""
         if self.disk is not None:
-            if kind == DEMAND:
+            if kind != PREFETCH:
                 data = await self._from_disk(digest, size)
                 if data is not None:
                     return data, False
