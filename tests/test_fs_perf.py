@@ -14,6 +14,7 @@ import trio
 from imagefs.chunks import Digest, digest_of
 from imagefs.fs import mounts
 from imagefs.fs.cache import HostCache, MemoryCache
+from imagefs.fs.errors import ChunkUnavailable
 from imagefs.fs.fetcher import ChunkFetcher, FetchLimits
 from imagefs.fs.fuse_ops import FuseOps
 from imagefs.fs.model import ImageFS, ReadaheadPolicy
@@ -164,6 +165,19 @@ def test_reads_across_chunks_are_one_buffer(image: Image) -> None:
         return results
 
     assert with_fs(index, store, go) == [True, True, True]
+
+
+def test_a_failed_chunk_of_a_gathered_read_is_its_own_error(image: Image) -> None:
+    _src, store, index, _id = image
+    down = ProbeStore(store)
+    down.down = True
+    ino = index.resolve("/big.bin")
+
+    async def go(fs: ImageFS, _f: ChunkFetcher) -> None:
+        with pytest.raises(ChunkUnavailable):
+            await fs.read(fs.open(ino, os.O_RDONLY), 0, 1 << 20)  # several chunks, all failing
+
+    with_fs(index, down, go)
 
 
 def test_small_files_are_pushed_once_on_first_open(image: Image) -> None:

@@ -14,7 +14,7 @@ from typing import Iterator, Protocol, Sequence, runtime_checkable
 import trio
 
 from imagefs.chunks import Digest
-from imagefs.fs.errors import (AccessDenied, BadHandle, IsADirectory, NoAttribute, NoEntry,
+from imagefs.fs.errors import (AccessDenied, BadHandle, FSError, IsADirectory, NoAttribute, NoEntry,
                                NotADirectory, NotASymlink, ReadOnly)
 from imagefs.fs.trace import AccessTrace
 from imagefs.index import ImageIndex, Inode
@@ -306,15 +306,22 @@ class ImageFS:
         slots = [view[p.file_offset - start:p.file_offset - start + p.length] for p in pieces]
         missing = [i for i, p in enumerate(pieces) if not self._peek_into(p, slots[i])]
 
+        errors: list[FSError] = []
+
         async def one(i: int) -> None:
-            slots[i][:] = await self._wait_for(pieces[i])
+            try:
+                slots[i][:] = await self._wait_for(pieces[i])
+            except FSError as e:  # reported as itself, not wrapped in an exception group
+                errors.append(e)
 
         if len(missing) == 1:
-            await one(missing[0])
+            slots[missing[0]][:] = await self._wait_for(pieces[missing[0]])
         elif missing:
             async with trio.open_nursery() as nursery:
                 for i in missing:
                     nursery.start_soon(one, i)
+            if errors:
+                raise errors[0]
         return out
 
     def _peek_into(self, p: Piece, dst: memoryview) -> bool:
