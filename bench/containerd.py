@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable
 
-from bench.services import free_ports
+from bench.services import free_ports, stop_process
 from imagefs.images import load_index
 from imagefs.oci_export import write_oci_layout
 from imagefs.reader import ChunkReader
@@ -51,18 +51,6 @@ class ContainerdError(RuntimeError):
 def missing_tools() -> list[str]:
     """The programs this mode needs that are not installed (empty when it can run)."""
     return [t for t in TOOLS if shutil.which(t) is None]
-
-
-def _stop_pid(proc: subprocess.Popen[bytes] | None, grace: float = STOP_GRACE) -> None:
-    """SIGTERM the process we started, SIGKILL after grace, and reap it."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _log_tail(path: Path, lines: int = 30) -> str:
@@ -123,7 +111,7 @@ class RegistryServer:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        _stop_pid(proc)
+        stop_process(proc, STOP_GRACE)
 
     def push(self, layout: Path, oci_ref: str, repo_tag: str) -> str:
         """skopeo copy oci:LAYOUT:REF to REPO:TAG here; returns the reference to pull (no scheme)."""
@@ -205,7 +193,7 @@ class ContainerdServer:
             for cid in self._safe_listing("containers"):
                 remove_container(self, cid)
         self.proc = None
-        _stop_pid(proc)
+        stop_process(proc, STOP_GRACE)
         for pid in shim_pids(self.socket):
             _kill_pid(pid)
         unmount_below(self.workdir)

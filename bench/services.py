@@ -45,6 +45,18 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
+def stop_process(proc: "subprocess.Popen[bytes] | None", grace: float = STOP_GRACE) -> None:
+    """SIGTERM a process we started, SIGKILL it after grace, and reap it."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class SeaweedServer:
     """One `weed server` (master, volume, filer, S3) bound to 127.0.0.1 on fixed free ports."""
 
@@ -152,13 +164,7 @@ class SeaweedServer:
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after a short grace (a clean weed shutdown takes ~15 s)."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
         if self._log is not None:
             self._log.close()
             self._log = None
