@@ -46,6 +46,7 @@ class WriteStats:
     new_bytes: int = 0  # stored (compressed) bytes uploaded
     new_raw_bytes: int = 0
     reused_bytes: int = 0  # file bytes taken from a parent image without reading them
+    index_bytes: int = 0  # stored size of the image index blob
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -230,6 +231,7 @@ def write_image(store: BlobStore, tree: BuildTree, config: ImageConfig | None = 
     index = ImageIndex(lay.inodes, lay.children, table.digests, sizes, config or ImageConfig())
     image_id, blob = _encode(index)
     store.put(blobs.index_key(image_id), blob)
+    stats.index_bytes = len(blob)
     return image_id, stats
 
 

@@ -82,7 +82,7 @@ class BuildOptions:
 class BuildResult:
     image: Digest
     steps: list[StepEvent] = field(default_factory=list)
-    uploaded_bytes: int = 0
+    uploaded_bytes: int = 0  # new chunks and indexes written by the steps that ran (stored bytes)
 
 
 def cache_key(parent: str, definition: dict[str, Any]) -> str:
@@ -165,13 +165,15 @@ class Builder:
             return self._run_command(parent, index, step, result)
         if step.kind in ("copy_local_file", "copy_local_dir"):
             return self._copy(index, step, result)
-        return self._with_config(index, _config_after(index.config, step), step)
+        return self._with_config(index, _config_after(index.config, step), step, result)
 
-    def _with_config(self, index: ImageIndex, config: ImageConfig, step: Step) -> Digest:
+    def _with_config(self, index: ImageIndex, config: ImageConfig, step: Step, result: BuildResult) -> Digest:
         tree = tree_from_index(index)
         if step.kind == "workdir":
             _ensure_dir(tree, step.args[0])
-        return write_image(self.store, tree, config)[0]
+        image, stats = write_image(self.store, tree, config)
+        result.uploaded_bytes += stats.new_bytes + stats.index_bytes
+        return image
 
     def _copy(self, index: ImageIndex, step: Step, result: BuildResult) -> Digest:
         tree = tree_from_index(index)
@@ -182,7 +184,7 @@ class Builder:
             _ensure_dir(tree, "/" + "/".join(p.decode() for p in parts[:-1]))
             tree.put(parts, _host_node(host))
         image, stats = write_image(self.store, tree, index.config)
-        result.uploaded_bytes += stats.new_bytes
+        result.uploaded_bytes += stats.new_bytes + stats.index_bytes
         return image
 
     def _run_command(self, parent: Digest, index: ImageIndex, step: Step, result: BuildResult) -> Digest:
@@ -198,7 +200,7 @@ class Builder:
             tree = tree_from_index(index)
             apply_upper(tree, run.upper)
             image, stats = write_image(self.store, tree, index.config)
-            result.uploaded_bytes += stats.new_bytes
+            result.uploaded_bytes += stats.new_bytes + stats.index_bytes
             return image
         finally:
             if run.upper is not None:
