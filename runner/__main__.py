@@ -21,7 +21,7 @@ from runner.shared_mount import SharedMounts
 
 
 def _provider(args: argparse.Namespace) -> LowerProvider:
-    config = ImageConfig.from_oci(json.loads(args.image_config.read_text())) if args.image_config else ImageConfig()
+    config = ImageConfig.from_wire(json.loads(args.image_config.read_text())) if args.image_config else ImageConfig()
     root: Path = args.lower_dir
     if not args.shared_bind:
         return DirectoryProvider(root, config)

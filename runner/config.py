@@ -1,8 +1,9 @@
 """The image configuration the runner consumes, as a protocol so the image index can supply its own type."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Protocol
+
+from imagefs.index import ImageConfig as _IndexImageConfig
 
 
 class ImageConfigLike(Protocol):
@@ -27,30 +28,6 @@ class ImageConfigLike(Protocol):
     def labels(self) -> dict[str, str]: ...
 
 
-@dataclass(frozen=True)
-class ImageConfig:
-    """A plain implementation of ImageConfigLike, for directories and tests."""
-
-    env: list[str] = field(default_factory=list)
-    entrypoint: list[str] | None = None
-    cmd: list[str] | None = None
-    working_dir: str = ""
-    user: str = ""
-    labels: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_oci(cls, doc: dict[str, object]) -> ImageConfig:
-        """Build from an OCI image config's `config` object (keys Env, Entrypoint, Cmd, ...)."""
-        def strings(key: str) -> list[str] | None:
-            value = doc.get(key)
-            return [str(v) for v in value] if isinstance(value, list) else None
-
-        labels = doc.get("Labels")
-        return cls(
-            env=strings("Env") or [],
-            entrypoint=strings("Entrypoint"),
-            cmd=strings("Cmd"),
-            working_dir=str(doc.get("WorkingDir") or ""),
-            user=str(doc.get("User") or ""),
-            labels={str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {},
-        )
+# The concrete config is the image index's own (env, entrypoint, cmd, working_dir, user, labels;
+# ImageConfig.from_wire reads an OCI image config's `config` object).
+ImageConfig = _IndexImageConfig
