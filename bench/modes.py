@@ -26,7 +26,6 @@ from imagefs import chunks as blobs
 from imagefs.export import export_image
 from imagefs.fs.mounts import read_stats
 from imagefs.images import load_index
-from imagefs.index import ImageIndex
 from imagefs.reader import ChunkReader
 from imagefs.store.factory import open_store
 from runner.imagefs_lower import imagefs_provider, unmount_all
@@ -192,7 +191,3 @@ def _noop(key: str, mnt: Path) -> None:
 
 def _discard(data: bytes) -> None:
     return None
-
-
-def image_size(index: ImageIndex) -> int:
-    return index.file_bytes

@@ -2,9 +2,9 @@
 loopback or behind an emulated network), then time every workload in every mode, interleaved."""
 from __future__ import annotations
 
-import json
 import os
 import shlex
+import shutil
 import sys
 import time
 from contextlib import ExitStack, contextmanager
@@ -126,7 +126,6 @@ def prepare_natives(ids: dict[str, str], work: Path) -> dict[str, Path]:
             if not dest.exists():
                 log(f"exporting {name} for the native mode")
                 tmp = CACHE / "native" / f"{image_id}.tmp"
-                import shutil
                 shutil.rmtree(tmp, ignore_errors=True)
                 export_image(load_index(store, image_id), ChunkReader(store), tmp)
                 tmp.rename(dest)

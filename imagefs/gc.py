@@ -135,6 +135,7 @@ class GcReport:
     deleted_chunks: int = 0
     deleted_bytes: int = 0
     deleted_profiles: int = 0
+    deleted_temp_files: int = 0  # torn writes left by killed writers (local store)
     kept_young: int = 0
     dry_run: bool = False
 
@@ -176,6 +177,7 @@ def _collect(store: BlobStore, grace: float, dry_run: bool) -> GcReport:
             if not dry_run:
                 store.delete(info.key)
     _sweep_chunks(store, live_chunks, cutoff, rep, dry_run)
+    _sweep_temp_files(store, cutoff, rep, dry_run)
     return rep
 
 
@@ -196,6 +198,20 @@ def _sweep_chunks(store: BlobStore, live: set[str], cutoff: float, rep: GcReport
         rep.deleted_bytes += info.size
         if not dry_run:
             store.delete(info.key)
+
+
+def _sweep_temp_files(store: BlobStore, cutoff: float, rep: GcReport, dry_run: bool) -> None:
+    """Temp files of writers killed before their rename (only the local backend has them)."""
+    stale = getattr(store, "stale_temp_files", None)
+    for path in stale() if stale else ():
+        try:
+            if path.stat().st_mtime > cutoff:
+                continue
+            rep.deleted_temp_files += 1
+            if not dry_run:
+                path.unlink()
+        except FileNotFoundError:
+            continue
 
 
 # -- fsck ---------------------------------------------------------------------------------------

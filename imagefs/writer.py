@@ -19,7 +19,7 @@ from pyfastcdc import FastCDC
 from imagefs import chunks as blobs
 from imagefs.chunks import Digest
 from imagefs.errors import UnsafeInput
-from imagefs.index import ImageConfig, ImageIndex, Inode
+from imagefs.index import ImageConfig, ImageIndex, Inode, encode_index
 from imagefs.store.base import BlobStore
 from imagefs.tree import BuildTree, ExtentSource, Node, Reader, Source
 
@@ -229,15 +229,10 @@ def write_image(store: BlobStore, tree: BuildTree, config: ImageConfig | None = 
     stats.files = len(lay.streamed) + len(lay.reused)
     stats.unique_chunks = len(sizes)
     index = ImageIndex(lay.inodes, lay.children, table.digests, sizes, config or ImageConfig())
-    image_id, blob = _encode(index)
+    image_id, blob = encode_index(index)
     store.put(blobs.index_key(image_id), blob)
     stats.index_bytes = len(blob)
     return image_id, stats
-
-
-def _encode(index: ImageIndex) -> tuple[Digest, bytes]:
-    raw = index.encode()
-    return blobs.digest_of(raw), blobs.encode(raw)
 
 
 class _ChunkTable:

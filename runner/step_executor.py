@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from imagefs.builder.build import StepRun
+from imagefs.builder.diff import is_opaque
 from runner.imagefs_lower import imagefs_provider
 from runner.options import DEFAULT_STATE_DIR, MountSpec, RunOptions
 from runner.run import run
@@ -62,13 +63,9 @@ def _drop_runtime_files(upper: Path) -> None:
         p = upper / rel
         if p.is_file() and not p.is_symlink():
             p.unlink()
-    etc = upper / "etc"
-    try:
-        if etc.is_dir() and not any(etc.iterdir()) and os.getxattr(etc, "trusted.overlay.opaque", follow_symlinks=False) != b"y":
-            etc.rmdir()
-    except OSError:
-        if etc.is_dir() and not any(etc.iterdir()):
-            etc.rmdir()
+    etc = upper / "etc"  # copied up only to hold those files: not a change of the step's
+    if etc.is_dir() and not any(etc.iterdir()) and not is_opaque(etc):
+        etc.rmdir()
 
 
 def _remove_dead_owners(root: Path) -> None:

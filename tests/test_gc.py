@@ -40,6 +40,16 @@ def test_gc_keeps_tagged_and_young_deletes_orphans(store, rich_tree, tmp_path):
     assert fsck(store, verify_chunks=True).errors == []
 
 
+def test_gc_removes_torn_temp_files_of_killed_writers(store, rich_tree):
+    _image(store, rich_tree, "keep:1")
+    torn = store.root / "chunks" / "ab" / ".tmp.abcdef.1234"
+    torn.parent.mkdir(parents=True, exist_ok=True)
+    torn.write_bytes(b"half a chunk")
+    assert gc(store, grace=3600).deleted_temp_files == 0 and torn.exists()  # could be a live write
+    assert gc(store, grace=0).deleted_temp_files == 1 and not torn.exists()
+    assert fsck(store).errors == []
+
+
 def test_gc_dry_run_deletes_nothing(store, rich_tree):
     orphan = _image(store, rich_tree)
     rep = gc(store, grace=0, dry_run=True)
@@ -74,7 +84,7 @@ def test_stale_lease_of_dead_process_is_ignored(store):
 
 
 def test_fsck_reports_missing_and_corrupt_chunks(store, rich_tree):
-    image_id = _image(store, rich_tree, "x:1")
+    _image(store, rich_tree, "x:1")
     chunk_keys = sorted(i.key for i in store.list("chunks/"))
     store.delete(chunk_keys[0])
     blob = bytearray(store.get(chunk_keys[-1]))

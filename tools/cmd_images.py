@@ -161,7 +161,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     verb = "would delete" if rep.dry_run else "deleted"
     emit(args, rep.as_dict(), lambda: print(
         f"{verb} {len(rep.deleted_indexes)} images, {rep.deleted_chunks} chunks "
-        f"({human_bytes(rep.deleted_bytes)}), {rep.deleted_profiles} profiles; "
+        f"({human_bytes(rep.deleted_bytes)}), {rep.deleted_profiles} profiles, {rep.deleted_temp_files} torn temp files; "
         f"kept {rep.kept_indexes} images ({rep.kept_young} young untagged)"))
     return 0
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path
 
 from imagefs.importers.rootfs import node_from_stat
 from imagefs.index import ROOT_INO, ImageIndex
@@ -94,7 +93,7 @@ def _apply_dir(tree: BuildTree, path: bytes, parts: tuple[bytes, ...], links: di
 
 def _apply_subdir(tree: BuildTree, path: bytes, here: tuple[bytes, ...], new: Node, links: dict) -> int:  # type: ignore[type-arg]
     old = tree.get(here)
-    opaque = _xattr(path, OPAQUE) == b"y"
+    opaque = is_opaque(path)
     if old is not None and old.is_dir and not opaque:
         _update_dir(old, new)
     else:
@@ -103,12 +102,9 @@ def _apply_subdir(tree: BuildTree, path: bytes, here: tuple[bytes, ...], new: No
     return _apply_dir(tree, path, here, links)
 
 
-def _xattr(path: bytes, name: bytes) -> bytes | None:
+def is_opaque(path: bytes | str | os.PathLike[str]) -> bool:
+    """Whether an overlayfs upper directory hides everything below it."""
     try:
-        return os.getxattr(path, name, follow_symlinks=False)
+        return os.getxattr(path, OPAQUE, follow_symlinks=False) == b"y"
     except OSError:
-        return None
-
-
-def upper_is_empty(upper: Path) -> bool:
-    return not any(upper.iterdir())
+        return False
