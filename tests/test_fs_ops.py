@@ -56,11 +56,13 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LocalStore, I
 
 
 def with_ops(index: ImageIndex, store: Any, fn: Callable[[FuseOps], Awaitable[T]], *,
-             cache: HostCache | None = None, **fetch_kw: Any) -> T:
+             cache: HostCache | None = None, skip_open: bool = False, **fetch_kw: Any) -> T:
+    """Run fn on FuseOps over the image; by default with open/opendir served (the stock pyfuse3
+    way), with skip_open as the kernel sees it when they answer ENOSYS."""
     async def main() -> T:
         fetcher = ChunkFetcher(store, cache, MemoryCache(), **fetch_kw)
         async with fetcher.running():
-            ops = FuseOps(ImageFS(index, fetcher, trace=AccessTrace()))
+            ops = FuseOps(ImageFS(index, fetcher, trace=AccessTrace()), skip_open=skip_open)
             return await fn(ops)
 
     return trio.run(main)
@@ -307,7 +309,7 @@ def test_unexpected_error_is_eio_and_logged(image: tuple[Path, LocalStore, Image
     _src, _store, index = image
 
     async def main() -> int:
-        ops = FuseOps(ImageFS(index, BrokenSource()))
+        ops = FuseOps(ImageFS(index, BrokenSource()), skip_open=False)
         fi = await ops.open(await resolve(ops, "etc/passwd"), os.O_RDONLY)
         with pytest.raises(pyfuse3.FUSEError) as exc:
             await ops.read(fi.fh, 0, 100)
@@ -346,3 +348,32 @@ def test_readahead_policy_window() -> None:
     p = ReadaheadPolicy(min_bytes=100, max_bytes=1000)
     assert [p.window(s) for s in range(6)] == [0, 100, 200, 400, 800, 1000]
     assert ReadaheadPolicy(max_bytes=0).window(5) == 0
+
+
+def test_without_open_reads_and_listings_name_the_inode(image: tuple[Path, LocalStore, ImageIndex]) -> None:
+    """skip_open: open and opendir answer ENOSYS (the kernel then stops sending them), and reads
+    and listings come with the inode number where the handle would be (the patched pyfuse3)."""
+    src, store, index = image
+
+    async def check(ops: FuseOps) -> None:
+        ino = await resolve(ops, "big.bin")
+        for call in (ops.open(ino, os.O_RDONLY), ops.opendir(pyfuse3.ROOT_INODE, None)):
+            with pytest.raises(pyfuse3.FUSEError) as e:
+                await call
+            assert fuse_errno(e) == errno.ENOSYS
+        content = (src / "big.bin").read_bytes()
+        assert bytes(await ops.read(ino, 0, len(content) + 1)) == content
+        listed: list[bytes] = []
+
+        def reply(token: Any, name: bytes, attr: pyfuse3.EntryAttributes, next_id: int) -> bool:
+            listed.append(name)
+            return True
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(pyfuse3, "readdir_reply", reply)
+            await ops.readdir(await resolve(ops, "many"), 0, None)  # type: ignore[arg-type]
+        assert sorted(listed) == sorted(os.fsencode(n) for n in os.listdir(src / "many"))
+        assert {"open", "opendir"}.isdisjoint(ops.metrics.as_dict()["ops"])
+        assert ops.fs.trace is not None and ino in {e[2] for e in ops.fs.trace.events if e[1] == "file"}
+
+    with_ops(index, store, check, skip_open=True)

@@ -5,7 +5,6 @@ dict in tests); failures are the domain errors of imagefs.fs.errors.
 """
 from __future__ import annotations
 
-import itertools
 import os
 import stat
 from dataclasses import dataclass, field
@@ -103,18 +102,18 @@ class ReadaheadPolicy:
 
 
 @dataclass(slots=True)
-class OpenFile:
-    ino: int
-    inode: Inode
+class ReadStream:
+    """Where the last read of an inode ended, and how many reads in a row went on from there."""
+
     next_offset: int = 0
     streak: int = 0
 
 
 @dataclass
-class _Handles:
-    files: dict[int, OpenFile] = field(default_factory=dict)
-    counter: "itertools.count[int]" = field(default_factory=lambda: itertools.count(1))
-    per_inode: dict[int, int] = field(default_factory=dict)  # open handles of each inode
+class _Opens:
+    """Opens the kernel announced (it may not: see FuseOps); a file handle is the inode number."""
+
+    count: dict[int, int] = field(default_factory=dict)  # open handles of each inode
     pushed: set[int] = field(default_factory=set)  # inodes whose whole content was handed out
 
 
@@ -128,7 +127,8 @@ class ImageFS:
         self.source = source
         self.trace = trace
         self.readahead_policy = readahead
-        self._handles = _Handles()
+        self._opens = _Opens()
+        self._streams: dict[int, ReadStream] = {}
         self._listings: dict[int, list[tuple[bytes, int]]] = {}
         self._file_bytes = index.file_bytes
         self._parts = source if isinstance(source, PartSource) else None
@@ -212,35 +212,33 @@ class ImageFS:
 
     # -- file contents -------------------------------------------------------------------------
     def open(self, ino: int, flags: int) -> int:
+        """Check that ino may be read; the file handle is the inode number itself."""
         node = self.inode(ino)
         if flags & _WRITE_FLAGS:
             raise ReadOnly("the image is read-only")
         if node.is_dir:
             raise IsADirectory(f"inode {ino} is a directory")
-        fh = next(self._handles.counter)
-        self._handles.files[fh] = OpenFile(ino, node)
-        self._handles.per_inode[ino] = self._handles.per_inode.get(ino, 0) + 1
+        self._opens.count[ino] = self._opens.count.get(ino, 0) + 1
         if self.trace is not None:
             self.trace.file(ino)
-        return fh
+        return ino
 
     def release(self, fh: int) -> None:
-        handle = self._handles.files.pop(fh, None)
-        if handle is not None:
-            left = self._handles.per_inode.pop(handle.ino) - 1
-            if left:
-                self._handles.per_inode[handle.ino] = left
+        left = self._opens.count.pop(fh, 0) - 1
+        if left > 0:
+            self._opens.count[fh] = left
 
     def contents_to_push(self, fh: int) -> Data | None:
         """The whole content of a small file just opened for the first time, if it is at hand.
 
         A caller may hand it to the kernel's page cache before the open completes, which spares
-        the read: no read of the file can be in flight then, as no other handle is open. Each
-        inode is handed out once; the chunks are traced as if read.
+        the read: no read of the file can be in flight then, as no other handle is open (a read
+        in flight holds the page the push would have to lock). Each inode is handed out once; the
+        chunks are traced as if read.
         """
-        handle = self._handles.files[fh]
-        ino, node = handle.ino, handle.inode
-        if (ino in self._handles.pushed or self._handles.per_inode.get(ino) != 1
+        ino = fh
+        node = self.inode(ino)
+        if (ino in self._opens.pushed or self._opens.count.get(ino) != 1
                 or not node.is_reg or not 0 < node.size <= self.push_max):
             return None
         pieces = self.pieces(node, 0, node.size)
@@ -252,7 +250,7 @@ class ImageFS:
             ok = all(self._peek_into(p, view[p.file_offset:p.file_offset + p.length]) for p in pieces)
             data = out if ok else None
         if data is not None:
-            self._handles.pushed.add(ino)
+            self._opens.pushed.add(ino)
             if self.trace is not None:
                 for p in pieces:
                     self.trace.chunk(p.chunk, ino, p.file_offset)
@@ -262,12 +260,13 @@ class ImageFS:
         return [Piece(*p) for p in inode.extents_for(offset, size)] if inode.is_reg else []
 
     async def read(self, fh: int, offset: int, size: int) -> Data:
-        """Up to size bytes at offset; short only at the end of the file."""
-        handle = self._handles.files.get(fh)
-        if handle is None:
-            raise BadHandle(f"file handle {fh} is not open")
-        pieces = self.pieces(handle.inode, offset, size)
-        self._note_read(handle, pieces, offset, size)
+        """Up to size bytes at offset of the file whose handle (inode number) is fh; short only
+        at the end of the file. No open is needed: the kernel may skip it (see FuseOps)."""
+        if not 1 <= fh <= len(self.index.inodes):
+            raise BadHandle(f"no file with handle {fh}")
+        node = self.index.inodes[fh - 1]
+        pieces = self.pieces(node, offset, size)
+        self._note_read(fh, node, pieces, offset, size)
         if not pieces:
             return b""
         if len(pieces) == 1:
@@ -334,18 +333,22 @@ class ImageFS:
         dst[:] = memoryview(data)[p.offset:p.offset + p.length]
         return True
 
-    def _note_read(self, handle: OpenFile, pieces: list[Piece], offset: int, size: int) -> None:
+    def _note_read(self, ino: int, node: Inode, pieces: list[Piece], offset: int, size: int) -> None:
         """Trace first touches and start readahead for sequential readers."""
         if self.trace is not None:
+            self.trace.file(ino)
             for p in pieces:
-                self.trace.chunk(p.chunk, handle.ino, p.file_offset)
+                self.trace.chunk(p.chunk, ino, p.file_offset)
+        stream = self._streams.get(ino)
+        if stream is None:
+            stream = self._streams[ino] = ReadStream()
         slack = self.readahead_policy.slack
-        sequential = offset != 0 and abs(offset - handle.next_offset) <= slack
-        handle.streak = handle.streak + 1 if sequential else 0
-        handle.next_offset = offset + size
-        window = self.readahead_policy.window(handle.streak)
+        sequential = offset != 0 and abs(offset - stream.next_offset) <= slack
+        stream.streak = stream.streak + 1 if sequential else 0
+        stream.next_offset = offset + size
+        window = self.readahead_policy.window(stream.streak)
         if window and pieces:
-            self._readahead(handle.inode, offset + size, window, {p.chunk for p in pieces})
+            self._readahead(node, offset + size, window, {p.chunk for p in pieces})
 
     def _readahead(self, inode: Inode, start: int, window: int, skip: set[int]) -> None:
         wanted: list[tuple[Digest, int]] = []
