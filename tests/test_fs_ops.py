@@ -377,3 +377,24 @@ def test_without_open_reads_and_listings_name_the_inode(image: tuple[Path, Local
         assert ops.fs.trace is not None and ino in {e[2] for e in ops.fs.trace.events if e[1] == "file"}
 
     with_ops(index, store, check, skip_open=True)
+
+
+def test_image_without_xattrs_answers_enosys_for_them(tmp_path: Path) -> None:
+    """ENOSYS, so that the kernel stops asking (see FuseOps.getxattr); the rich image above,
+    which has xattrs, answers them (test_readlink_and_xattrs)."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d/f").write_bytes(b"x")
+    store = LocalStore(tmp_path / "store", fsync=False)
+    image_id, _ = write_image(store, import_rootfs(src))
+    index = load_index(store, image_id)
+
+    async def check(ops: FuseOps) -> None:
+        assert not ops.fs.has_xattrs
+        f = await resolve(ops, "d/f")
+        for call in (ops.getxattr(f, b"user.x"), ops.listxattr(f), ops.getxattr(1, b"trusted.overlay.origin")):
+            with pytest.raises(pyfuse3.FUSEError) as e:
+                await call
+            assert fuse_errno(e) == errno.ENOSYS
+
+    with_ops(index, store, check)

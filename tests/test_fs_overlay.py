@@ -1,6 +1,7 @@
 """Writable containers: overlayfs with the image mount as its lower layer."""
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -86,3 +87,30 @@ def test_overlay_shows_setuid_and_xattrs_of_the_image(mounter: Mounter,
         res = subprocess.run(["chroot", str(merged), "/bin/sh", "-c", "echo hi > /tmp/x; busybox cat /tmp/x"],
                              capture_output=True, text=True)
         assert res.stdout == "hi\n", res.stderr
+
+
+def test_image_without_xattrs_answers_them_in_the_kernel(mounter: Mounter, tmp_path: Path) -> None:
+    """An image that holds no xattr at all says so once (ENOSYS); after that the kernel answers
+    getxattr itself, so overlayfs's trusted.overlay.* questions cost no round trip, and copy-up
+    and whiteouts still work."""
+    src = tmp_path / "plain"
+    for i in range(50):
+        (src / "pkg").mkdir(parents=True, exist_ok=True)
+        (src / "pkg" / f"m{i}.py").write_text(f"x = {i}\n")
+    store = LocalStore(tmp_path / "store", fsync=False)
+    info = mounter.mount(store.url, store_image(store, src))
+    with overlay(info.mountpoint, mounter.base / "ov") as merged:
+        for i in range(50):
+            assert (merged / "pkg" / f"m{i}.py").read_text() == f"x = {i}\n"
+        with pytest.raises(OSError) as e:
+            os.getxattr(merged / "pkg/m1.py", "user.anything")
+        assert e.value.errno in (errno.EOPNOTSUPP, errno.ENODATA)
+        (merged / "pkg/m2.py").write_text("changed\n")  # copy-up
+        (merged / "pkg/m3.py").unlink()  # whiteout
+        assert (merged / "pkg/m2.py").read_text() == "changed\n" and not (merged / "pkg/m3.py").exists()
+        assert (Path(info.mountpoint) / "pkg/m2.py").read_text() == "x = 2\n"
+    with pytest.raises(OSError) as e:
+        os.listxattr(Path(info.mountpoint) / "pkg/m4.py")
+    assert e.value.errno == errno.EOPNOTSUPP
+    ops = mounts.read_stats(info.mountpoint)["fuse"]["ops"]
+    assert ops["getxattr"]["count"] <= 1 and ops.get("listxattr", {"count": 0})["count"] <= 1, ops

@@ -194,10 +194,17 @@ class FuseOps(pyfuse3.Operations):
 
     @_op("getxattr")
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        if not self.fs.has_xattrs:
+            # An image without any xattr: ENOSYS makes the kernel answer every later getxattr
+            # itself (EOPNOTSUPP, which overlayfs takes as "none"). Otherwise overlayfs asks
+            # for trusted.overlay.* of every file a container looks up, each a round trip.
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         return self.fs.getxattr(inode, name)
 
     @_op("listxattr")
     async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        if not self.fs.has_xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # as for getxattr
         return self.fs.listxattr(inode)
 
     @_op("statfs")

@@ -131,6 +131,7 @@ class ImageFS:
         self._streams: dict[int, ReadStream] = {}
         self._listings: dict[int, list[tuple[bytes, int]]] = {}
         self._file_bytes = index.file_bytes
+        self.has_xattrs = any(node.xattrs for node in index.inodes)
         self._parts = source if isinstance(source, PartSource) else None
 
     # -- metadata ------------------------------------------------------------------------------
