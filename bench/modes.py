@@ -7,6 +7,7 @@ pull      what docker/containerd do: fetch every chunk from the store (in parall
 cold      coldstart: fresh lazy mount, empty host cache, page cache dropped
 warm      coldstart: fresh lazy mount, host cache already holding the image, page cache dropped
 prefetch  cold, with the image's recorded start-up profile streamed ahead of demand
+guess     cold, no profile: the working set guessed from the command (imagefs.guess) streamed instead
 containerd  stock containerd: `ctr image pull` from a local registry (fetch + unpack), then `ctr run`
             (bench.containerd); not through our runner, but timed the same way to the ready line
 """
@@ -145,16 +146,17 @@ def run_containerd(ctx: Context, w: Workload, image_id: str, rep: int) -> Record
 
 
 def run_lazy(ctx: Context, w: Workload, image_id: str, mode: str, rep: int, tag: str = "") -> Record:
-    """cold / warm / prefetch: a fresh mount each run; the host cache decides cold or warm.
-    prefetch runs by tag, whose start-up profile the mount then streams; the others by image ID
-    with prefetch off."""
+    """cold / warm / prefetch / guess: a fresh mount each run; the host cache decides cold or warm.
+    prefetch runs by tag, whose start-up profile the mount then streams; guess by image ID (no
+    profile) with the guessed working set streamed; the others by image ID with prefetch off."""
     unmount_all(ctx.state_dir)
     cache = ctx.warm_cache if mode == "warm" else ctx.work / f"cache-{mode}-{rep}"
     if mode != "warm":
         shutil.rmtree(cache, ignore_errors=True)
     drop_page_cache()
     prefetch = mode == "prefetch"
-    provider = imagefs_provider(ctx.state_dir, ctx.store_url, str(cache), linger=True, prefetch=prefetch,
+    provider = imagefs_provider(ctx.state_dir, ctx.store_url, str(cache), linger=True,
+                                prefetch=mode in ("prefetch", "guess"), guess=mode == "guess",
                                 prefetch_workers=ctx.prefetch_workers)
     opts = _options(ctx, w, tag if prefetch else image_id)
     res = run(opts, provider, stdout=_discard, stderr=_discard)

@@ -17,9 +17,14 @@ from imagefs.fs.mounts import mount_image, unmount
 from imagefs.images import resolve_with_tag
 from imagefs.indexcache import load_config
 from imagefs.store.factory import open_store
-from runner.lower import ResolvedImage, SharedMountProvider
+from runner.lower import ResolvedImage, SharedMountProvider, StartCommand
 from runner.mounts import is_mounted
 from runner.shared_mount import SharedMounts
+
+
+# Whether a mount of an image without a start-up profile prefetches a guessed working set
+# (imagefs.guess); see the README's prefetch numbers for why this is the default.
+GUESS_BY_DEFAULT = True
 
 
 class StoreResolver:
@@ -43,23 +48,36 @@ class StoreResolver:
 
 def imagefs_provider(state_dir: Path, store_url: str | None, cache_dir: str | None,
                      cache_size: int | None = None, *, linger: bool = True,
-                     prefetch: bool = True, prefetch_workers: int | None = None) -> SharedMountProvider:
+                     prefetch: bool = True, prefetch_workers: int | None = None,
+                     guess: bool = GUESS_BY_DEFAULT) -> SharedMountProvider:
     """A LowerProvider serving images from the store through shared lazy mounts. With prefetch,
     a mount started for a tag that has a start-up profile streams the profile's chunks, with
-    prefetch_workers parallel fetches (the fetcher's default when None)."""
+    prefetch_workers parallel fetches (the fetcher's default when None); with guess as well, a
+    mount of an image without a profile prefetches what the container's command is guessed to
+    read first (imagefs.guess)."""
     resolver = StoreResolver(store_url, prefetch, cache_dir)
     tuning = {"limits": {"prefetch_workers": prefetch_workers}} if prefetch_workers else {}
+    starts: dict[str, StartCommand] = {}
+
+    def remember(image: ResolvedImage) -> None:
+        if image.start is not None:
+            starts[image.image_id] = image.start
 
     def start(key: str, mnt: Path) -> None:
+        profile = resolver.profiles.get(key, "")
+        hint: dict[str, object] = {}
+        if prefetch and guess and not profile and key in starts:
+            cmd = starts[key]
+            hint = {"guess_argv": cmd.argv, "guess_env": cmd.env, "guess_cwd": cmd.cwd}
         mount_image(store_url, key, mnt, cache_dir=cache_dir, cache_size=cache_size,
-                    profile=resolver.profiles.get(key, ""), **tuning)
+                    profile=profile, **tuning, **hint)
 
     def stop(key: str, mnt: Path) -> None:
         if is_mounted(mnt):
             unmount(mnt)
 
     mounts = SharedMounts(state_dir / "mounts", start, stop, linger=linger)
-    return SharedMountProvider(resolver, mounts)
+    return SharedMountProvider(resolver, mounts, on_acquire=remember)
 
 
 def unmount_all(state_dir: Path) -> list[str]:

@@ -10,12 +10,22 @@ from runner.procs import ProcessRef
 
 
 @dataclass
+class StartCommand:
+    """What a container of the image will run: a hint for prefetch when the image has no profile."""
+
+    argv: list[str]
+    env: list[str]
+    cwd: str = "/"
+
+
+@dataclass
 class ResolvedImage:
     """An image reference resolved to an image ID and its config; nothing is mounted yet."""
 
     ref: str
     image_id: str
     config: ImageConfigLike
+    start: StartCommand | None = None  # set by the runner once it knows the container's command
 
 
 @dataclass
@@ -86,14 +96,18 @@ class SharedMountProvider:
     per-image mount (the FUSE filesystem) and counts holders.
     """
 
-    def __init__(self, resolver: Callable[[str], ResolvedImage], mounts: SharedMountsLike) -> None:
+    def __init__(self, resolver: Callable[[str], ResolvedImage], mounts: SharedMountsLike,
+                 on_acquire: Callable[[ResolvedImage], None] | None = None) -> None:
         self._resolve = resolver
         self._mounts = mounts
+        self._on_acquire = on_acquire  # sees the image (and its start command) before a mount starts
 
     def resolve(self, image_ref: str) -> ResolvedImage:
         return self._resolve(image_ref)
 
     def acquire(self, image: ResolvedImage, holder: Holder) -> Lower:
+        if self._on_acquire is not None:
+            self._on_acquire(image)
         path, cold = self._mounts.acquire(image.image_id, holder)
         return Lower(path, image.config, cold, image.image_id)
 

@@ -16,7 +16,7 @@ from runner import spec as specgen
 from runner.container import ContainerPaths, OwnerRecord, cleanup_stale, new_container_id, prepare, teardown
 from runner.edits import SpecEdits
 from runner.errors import ContainerStartError, UsageError
-from runner.lower import Holder, Lower, LowerProvider, ResolvedImage
+from runner.lower import Holder, Lower, LowerProvider, ResolvedImage, StartCommand
 from runner.mounts import mount_overlay
 from runner.options import RunOptions
 from runner.procs import ProcessRef, become_subreaper
@@ -126,6 +126,7 @@ class _Job:
         owners = [ProcessRef.current(), ProcessRef.of(guard.pid)]
         record = OwnerRecord(owners, self.runtime, self.image.image_id, str(self.paths.layer), self.options.keep)
         prepare(self.paths, record)
+        self.image.start = self._start_command()
         lower = self.provider.acquire(self.image, Holder(self.paths.id, tuple(owners)))
         self.timings.mount_cold = lower.cold
         self.timings.mark("mount_ready")
@@ -139,6 +140,14 @@ class _Job:
         if self.spec_hook is not None:
             self.spec_hook(spec)
         (self.paths.bundle / "config.json").write_text(json.dumps(spec))
+
+    def _start_command(self) -> StartCommand:
+        """The container's command, environment and directory as far as the image and the options
+        tell them (before users and GPU edits): the provider may guess what to prefetch from it."""
+        opts, config = self.options, self.image.config
+        args = specgen.compose_args(config.entrypoint, config.cmd, opts.entrypoint, opts.command)
+        env = specgen.merge_env(config.env, [], opts.env, os.environ, {"PATH": specgen.DEFAULT_PATH})
+        return StartCommand(args, env, opts.workdir or config.working_dir or "/")
 
     def _spec_inputs(self, lower: Lower) -> specgen.SpecInputs:
         opts, config = self.options, lower.config

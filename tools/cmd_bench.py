@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("bench", help="cold-start benchmark: coldstart vs pull-and-unpack vs native")
     p.add_argument("--suite", choices=sorted(SUITES), default="quick")
     p.add_argument("--workload", action="append", choices=sorted(WORKLOADS), help="(repeatable)")
-    p.add_argument("--mode", action="append", choices=["native", "pull", "cold", "warm", "prefetch", "containerd"],
+    p.add_argument("--mode", action="append", choices=["native", "pull", "cold", "warm", "prefetch", "guess", "containerd"],
                    help="(repeatable)")
     p.add_argument("--store", metavar="URL", help="benchmark store (default: a SeaweedFS S3 server it starts)")
     p.add_argument("--network", choices=["loopback", "zonal", "regional"], default="loopback")

@@ -28,6 +28,7 @@ from imagefs.fs.fuse_ops import FuseOps, mount_options
 from imagefs.fs.model import ImageFS, ReadaheadPolicy
 from imagefs.fs.mounts import unescape_mount_path
 from imagefs.fs.trace import DEFAULT_LIMIT, AccessTrace
+from imagefs.guess import DEFAULT_BUDGET as DEFAULT_GUESS_BUDGET, guess as guess_startup
 from imagefs.indexcache import load_index
 from imagefs.store.factory import open_store
 
@@ -57,6 +58,12 @@ class DaemonConfig:
     # the GIL (Python's default of 5 ms stalls readahead behind a busy loop).
     switch_interval: float = 0.0005
     profile: str = ""  # digest of a start-up profile to prefetch after the mount is ready
+    # Without a profile: the command a container will run (argv, env, cwd), from which the
+    # start-up working set is guessed and prefetched (imagefs.guess); empty argv: no guess.
+    guess_argv: list[str] = field(default_factory=list)
+    guess_env: list[str] = field(default_factory=list)
+    guess_cwd: str = "/"
+    guess_budget: int = DEFAULT_GUESS_BUDGET
     verbose: int = 0
 
     def to_json(self) -> str:
@@ -123,7 +130,18 @@ class Daemon:
                 log.info("start-up (ms): %s", self.startup)
                 if self.config.profile:
                     nursery.start_soon(self._replay_profile, name="prefetch-profile")
+                elif self.config.guess_argv:
+                    nursery.start_soon(self._prefetch_guess, name="prefetch-guess")
                 log.info("serving image %s at %s", self.config.image_id, self.config.mountpoint)
+
+    async def _prefetch_guess(self) -> None:
+        """Queue the guessed start-up chunks of the configured command for prefetch."""
+        c = self.config
+        found = await trio.to_thread.run_sync(
+            lambda: guess_startup(self.index, c.guess_argv, c.guess_env, c.guess_cwd, c.guess_budget))
+        self.fetcher.prefetch(found.chunks)
+        log.info("prefetching %d chunks (%d bytes) guessed for %s from %d files", len(found.chunks),
+                 sum(n for _, n in found.chunks), c.guess_argv[:3], len(found.files))
 
     async def _replay_profile(self) -> None:
         """Queue the profile's chunks for prefetch, in order; demand reads keep priority."""
