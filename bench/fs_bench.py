@@ -4,7 +4,7 @@ Run as root: ``python -m bench.fs_bench [--repeat N] [--only torch|read] [--tree
 Each --tree is a checkout whose own CLI and mount daemon serve the lazy modes, so two versions of
 the code (e.g. base=... new=...) are compared within one run; the default is this checkout.
 
-Workload modes, interleaved within each repeat so that the ratios compare the same moments of a
+Workload modes, interleaved within each repeat (order rotated) so that the ratios compare the same moments of a
 noisy machine (medians over the repeats):
   native_cold     chroot of the rootfs directory, page cache dropped
   native_warm     the same again, page cache kept
@@ -294,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(b: Bench, trees: list[Tree], repeat: int, only: str | None) -> list[dict[str, Any]]:
-    """The interleaved rounds: native first, then each tree, in every repeat."""
+    """The interleaved rounds: native and each tree in every repeat, the order rotated from one
+    repeat to the next (whatever runs after another run's leftovers, e.g. its host-cache writes
+    or the machine's noisy moments, is not always the same)."""
     records: list[dict[str, Any]] = []
 
     def recorder(label: str) -> Recorder:
@@ -309,16 +311,22 @@ def run(b: Bench, trees: list[Tree], repeat: int, only: str | None) -> list[dict
     if big_src is not None:
         b.ensure_image(trees[0], big_src, "big:1")
     try:
+        contestants: list[Tree | None] = [None, *trees]  # None: native
         for i in range(repeat):
             print(f"repeat {i + 1}/{repeat}", file=sys.stderr, flush=True)
-            if only != "read":
-                torch_native(b, recorder("native"))
-                for t in trees:
-                    torch_lazy(b, t, recorder(t.label))
-            if big_src is not None:
-                read_native(b, big_src, recorder("native"))
-                for t in trees:
-                    read_lazy(b, t, recorder(t.label))
+            k = i % len(contestants)
+            for t in contestants[k:] + contestants[:k]:
+                if only != "read":
+                    if t is None:
+                        torch_native(b, recorder("native"))
+                    else:
+                        torch_lazy(b, t, recorder(t.label))
+            for t in contestants[k:] + contestants[:k]:
+                if big_src is not None:
+                    if t is None:
+                        read_native(b, big_src, recorder("native"))
+                    else:
+                        read_lazy(b, t, recorder(t.label))
     finally:
         b.unmount(trees[0])
     return records

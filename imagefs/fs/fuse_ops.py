@@ -1,8 +1,12 @@
 """The pyfuse3 adapter: translates kernel requests to the ImageFS model and its errors to errno.
 
 The image is immutable, so the kernel may cache everything for long: entries, attributes, negative
-lookups (an entry with inode 0) and file pages (keep_cache). errno_for() is the only place where
-errors become errno; anything it does not know is a bug, logged with the request and turned into EIO.
+lookups (an entry with inode 0), file pages, directory listings and symlink targets. Requests that
+would only repeat what the kernel can know by itself are answered ENOSYS once, so that it stops
+sending them: open/opendir (with the patched pyfuse3 of third_party/pyfuse3, which then hands
+reads the inode number), flush, fsync, and getxattr/listxattr of an image without any xattr.
+errno_for() is the only place where errors become errno; anything it does not know is a bug,
+logged with the request and turned into EIO.
 """
 from __future__ import annotations
 
