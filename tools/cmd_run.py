@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--record-profile", action="store_true",
                    help="run on a fresh private mount and store what the container read until ready "
                         "(or exit) as the tag's start-up profile")
-    p.add_argument("--no-prefetch", action="store_true", help="ignore the image's start-up profile")
+    p.add_argument("--no-prefetch", action="store_true", help="prefetch nothing (neither the image's start-up profile nor the working set guessed from the command)")
     p.set_defaults(func=cmd_run)
 
 
