@@ -190,7 +190,9 @@ def test_interrupted_build_leaves_nothing_behind(env: Env, sig: signal.Signals) 
     proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "build", str(spec), "--tag", "app:1"],
                             env=env.env, cwd=env.tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not any("sleep" in c for c in _container_cmds()):
+    # The step's own `sleep 60` (exactly: another process with "sleep" in its command line must
+    # not set off the signal before the build has even exec'd, when it would be lost).
+    while time.monotonic() < deadline and "sleep 60" not in _container_cmds():
         time.sleep(0.1)
     proc.send_signal(sig)
     proc.wait(timeout=60)
@@ -208,7 +210,7 @@ def _container_cmds() -> list[str]:
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
             try:
-                out.append((p / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+                out.append((p / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip())
             except OSError:
                 pass
     return out
