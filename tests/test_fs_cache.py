@@ -151,3 +151,18 @@ def test_memory_tier_is_a_bounded_lru() -> None:
     assert mem.used_bytes == 200_000 and mem.counters.evicted_chunks == 1
     mem.put(*chunk(9, 300_000))  # larger than the whole tier: not kept
     assert len(mem) == 2
+
+
+def test_a_chunk_this_process_wrote_is_read_in_part_without_verifying_again(tmp_path: Path) -> None:
+    """What put() wrote was verified content: parts come straight from the page cache (no whole
+    load), and a file put in its place afterwards is not trusted."""
+    cache = HostCache(tmp_path, 10 << 20)
+    d, data = chunk(5)
+    cache.put(d, data)
+    assert cache.is_verified(d)
+    assert bytes(cache.read_part(d, 1000, 64) or b"") == data[1000:1064]
+    assert cache.counters.hits == 0 and cache.counters.part_reads == 1
+    path = cache.path(d)
+    os.unlink(path)
+    path.write_bytes(b"y" * len(data))
+    assert cache.read_part(d, 0, 10, wait=True) is None and not cache.is_verified(d)

@@ -47,10 +47,10 @@ def chunk(i: int, size: int = 300_000) -> tuple[Digest, bytes]:
 
 # -- host cache: in-place checks and parts of verified files ----------------------------------------
 def test_parts_are_served_only_from_files_verified_here(tmp_path: Path) -> None:
-    cache = HostCache(tmp_path)
     d, data = chunk(1)
-    cache.put(d, data)
-    assert cache.read_part(d, 10, 100) is None  # written, but not verified by a read yet
+    HostCache(tmp_path).put(d, data)  # another process (daemon) wrote it
+    cache = HostCache(tmp_path)
+    assert cache.read_part(d, 10, 100) is None  # there, but not verified by this one yet
     assert cache.verify(d, len(data))
     assert cache.read_part(d, 10, 100) == data[10:110]
     assert cache.read_part(d, 1000, 5000, wait=True) == data[1000:6000]
@@ -100,8 +100,8 @@ def run_fetcher(fetcher: ChunkFetcher, fn: Any) -> Any:
 def test_prefetch_of_a_cached_chunk_checks_it_in_place(tmp_path: Path) -> None:
     store = ProbeStore(LocalStore(tmp_path / "store", fsync=False))
     (d, data), = put_chunks(store, 1, size=200_000)
+    HostCache(tmp_path / "cache").put(d, data)  # written by an earlier daemon
     disk = HostCache(tmp_path / "cache")
-    disk.put(d, data)
 
     async def go(f: ChunkFetcher) -> tuple[bytes, bytes]:
         f.prefetch([(d, len(data))])

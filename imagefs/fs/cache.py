@@ -3,7 +3,7 @@
 On disk: ``<root>/chunks/<first two hex>/<digest>`` holds the verified, decompressed content of a
 chunk. Files appear by rename of a complete temp file, and every load checks the blake3 again, so
 a torn or rotten file is dropped and refetched, never served (which is why no fsync is needed).
-A file this process has verified is kept open (a few, LRU) and parts of it are then read straight
+A file this process has verified (or written) is kept open (a few, LRU) and parts of it are then read straight
 from the page cache without verifying again: the open descriptor pins the verified inode, which
 nothing rewrites in place (new content arrives by rename).
 Recency is the file's mtime, refreshed on a hit at most once a minute. The total is bounded:
@@ -240,11 +240,14 @@ class HostCache:
         if path.exists():
             return
         try:
-            self._write(path, data)
+            written = self._write(path, data)
         except OSError as e:
             self._count(write_errors=1)
             log.warning("host cache: cannot write chunk %s: %s", digest, e.strerror or e)
             return
+        # Verified content this process wrote itself: parts of it may be read from the page
+        # cache at once (read_into), also after the memory tier has let the chunk go.
+        self._verified[digest] = written
         with self._mutex:
             self.counters.writes += 1
             self.counters.write_bytes += len(data)
@@ -253,13 +256,15 @@ class HostCache:
         if over:
             self.evict()
 
-    def _write(self, path: Path, data: bytes) -> None:
+    def _write(self, path: Path, data: bytes) -> tuple[int, ...]:
+        """Write data under path by rename of a complete temp file; the identity of that file."""
         tmp = self._tmp / f"{path.name}.{secrets.token_hex(6)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
+            written = _identity(os.fstat(fd))
         except BaseException:
             os.close(fd)
             os.unlink(tmp)
@@ -270,6 +275,7 @@ class HostCache:
         except FileNotFoundError:  # first chunk of this shard
             path.parent.mkdir(exist_ok=True)
             os.replace(tmp, path)
+        return written
 
     def _drop_corrupt(self, path: Path, digest: str, got: int, want: int) -> None:
         log.warning("host cache: dropping corrupt chunk %s (%d bytes, expected %d)", digest, got, want)
