@@ -200,10 +200,11 @@ def _module_files(index: ImageIndex, site_dirs: list[bytes], name: bytes) -> lis
             everything = list(_files_in(index, pkg, recurse=True))
             pycs = [p for p in everything if p.endswith(b".pyc")]
             roots = [p for p in pycs if posixpath.basename(p).startswith(b"__init__.")]
+            root_set = set(roots)
             libs = [p for p in everything if _SHARED_LIB.search(p)]
             libs += [p for p in _files_in(index, pkg + b".libs", recurse=True) if _SHARED_LIB.search(p)]
-            libs.sort(key=lambda p: index.inode(index.resolve(p) or ROOT_INO).size)
-            return roots + [p for p in pycs if p not in set(roots)] + libs
+            libs.sort(key=lambda p: _size_of(index, p))
+            return roots + [p for p in pycs if p not in root_set] + libs
         single = [posixpath.join(site, n) for n in index.children.get(index.resolve(site) or 0, {})
                   if n.startswith(name + b".") and (n.endswith(b".py") or _SHARED_LIB.search(n))]
         if single:
@@ -214,15 +215,23 @@ def _module_files(index: ImageIndex, site_dirs: list[bytes], name: bytes) -> lis
 def _files_in(index: ImageIndex, directory: bytes, *, recurse: bool) -> Iterator[bytes]:
     """Regular files under a directory of the image, in tree order (none if it is missing)."""
     ino = index.resolve(directory)
-    if ino is None or not index.inode(ino).is_dir:
-        return
+    if ino is not None and index.inode(ino).is_dir:
+        yield from _files_below(index, ino, directory.rstrip(b"/"), recurse)
+
+
+def _files_below(index: ImageIndex, ino: int, directory: bytes, recurse: bool) -> Iterator[bytes]:
     for name, child in index.children.get(ino, {}).items():
-        path = posixpath.join(directory, name)
-        node = index.inode(child)
-        if node.is_reg:
+        path = directory + b"/" + name
+        node = index.inodes[child - 1]
+        if stat.S_ISREG(node.mode):
             yield path
-        elif node.is_dir and recurse:
-            yield from _files_in(index, path, recurse=True)
+        elif recurse and stat.S_ISDIR(node.mode):
+            yield from _files_below(index, child, path, True)
+
+
+def _size_of(index: ImageIndex, path: bytes) -> int:
+    ino = index.resolve(path)
+    return index.inode(ino).size if ino is not None else 0
 
 
 def _chunks_of(index: ImageIndex, files: list[bytes], budget: int) -> list[tuple[Digest, int]]:
