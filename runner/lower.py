@@ -14,7 +14,7 @@ class StartCommand:
     """What a container of the image will run: a hint for prefetch when the image has no profile."""
 
     argv: list[str]
-    env: list[str]
+    path: str  # its PATH (no other variable: they may hold secrets, and the hint goes to a daemon)
     cwd: str = "/"
 
 

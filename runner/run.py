@@ -147,7 +147,8 @@ class _Job:
         opts, config = self.options, self.image.config
         args = specgen.compose_args(config.entrypoint, config.cmd, opts.entrypoint, opts.command)
         env = specgen.merge_env(config.env, [], opts.env, os.environ, {"PATH": specgen.DEFAULT_PATH})
-        return StartCommand(args, env, opts.workdir or config.working_dir or "/")
+        path = next((e[5:] for e in env if e.startswith("PATH=")), specgen.DEFAULT_PATH)
+        return StartCommand(args, path, opts.workdir or config.working_dir or "/")
 
     def _spec_inputs(self, lower: Lower) -> specgen.SpecInputs:
         opts, config = self.options, lower.config

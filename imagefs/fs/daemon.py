@@ -137,8 +137,12 @@ class Daemon:
     async def _prefetch_guess(self) -> None:
         """Queue the guessed start-up chunks of the configured command for prefetch."""
         c = self.config
-        found = await trio.to_thread.run_sync(
-            lambda: guess_startup(self.index, c.guess_argv, c.guess_env, c.guess_cwd, c.guess_budget))
+        try:
+            found = await trio.to_thread.run_sync(
+                lambda: guess_startup(self.index, c.guess_argv, c.guess_env, c.guess_cwd, c.guess_budget))
+        except Exception:  # a guess is an optimisation: its bug must not take the mount down
+            log.exception("no prefetch: guessing the working set of %s failed", c.guess_argv[:3])
+            return
         self.fetcher.prefetch(found.chunks)
         log.info("prefetching %d chunks (%d bytes) guessed for %s from %d files", len(found.chunks),
                  sum(n for _, n in found.chunks), c.guess_argv[:3], len(found.files))
