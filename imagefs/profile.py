@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -97,3 +99,71 @@ def chunks_to_prefetch(profile: Profile, index: ImageIndex, image_id: str) -> li
         log.warning("profile names %d chunks that image %s does not have; ignoring them",
                     len(profile.chunks) - len(keep), image_id)
     return keep
+
+
+# -- learned on this host --------------------------------------------------------------------------
+# Every mount remembers, in the host cache directory, the order in which it first touched chunks
+# (its access trace, cut LEARN_WINDOW_S after the first touch); the next mount of that image on
+# this host prefetches in that order when the image has no recorded profile. With the chunks in
+# the host cache that prefetch is a check in place: it reads the files into the page cache in
+# parallel, ahead of the reads that need them.
+LEARN_WINDOW_S = 60.0
+
+
+def learned_path(cache_dir: str, image_id: str) -> str:
+    return os.path.join(cache_dir, "learned", f"{image_id}.json")
+
+
+def learn(index: ImageIndex, image_id: str, events: Iterable[tuple[int, str, int, int, int]],
+          window_s: float = LEARN_WINDOW_S) -> Profile:
+    """A profile from a mount's raw trace events (imagefs.fs.trace.AccessTrace.events)."""
+    chunks: list[tuple[str, int]] = []
+    seen: set[int] = set()
+    first: int | None = None
+    files = 0
+    for t_ns, kind, _ino, chunk, _off in events:
+        first = t_ns if first is None else first
+        if t_ns - first > window_s * 1e9:
+            break
+        if kind == "file":
+            files += 1
+        elif chunk not in seen and 0 <= chunk < len(index.chunks):
+            seen.add(chunk)
+            chunks.append((index.chunks[chunk], index.chunk_sizes[chunk]))
+    return Profile(image_id, chunks, files, command=["(learned on this host)"])
+
+
+def save_learned(cache_dir: str, profile: Profile) -> None:
+    """Write (replace) the image's learned profile atomically; errors are logged, not raised."""
+    path = learned_path(cache_dir, profile.image)
+    tmp = f"{path}.{secrets.token_hex(6)}"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(profile.encode())
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("cannot save the learned profile of %s: %s", profile.image, e)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def load_learned(cache_dir: str, image_id: str) -> Profile | None:
+    """The image's learned profile on this host, if there is a readable one."""
+    path = learned_path(cache_dir, image_id)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        log.warning("cannot read %s: %s", path, e)
+        return None
+    try:
+        prof = Profile.decode(raw, path)
+    except CorruptBlob as e:
+        log.warning("ignoring %s: %s", path, e.reason)
+        return None
+    return prof if prof.image == image_id else None

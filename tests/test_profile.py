@@ -175,3 +175,42 @@ def test_unmount_cancels_a_running_prefetch(tmp_path: Path, mounter, s3_server) 
     finally:
         proxy.kill()
         proxy.wait()
+
+
+# -- learned on this host ------------------------------------------------------------------------
+def test_learn_keeps_first_touch_order_within_the_window(tmp_path: Path) -> None:
+    store, image_id = _image(tmp_path)
+    index = load_index(store, image_id)
+    s = 1_000_000_000
+    events = [(0, "file", 5, -1, -1), (1, "chunk", 5, 2, 0), (2, "chunk", 5, 0, 0), (3, "chunk", 6, 2, 0),
+              (int(59 * s), "chunk", 6, 1, 0), (int(61 * s), "chunk", 6, 3, 0), (int(62 * s), "chunk", 7, 999, 0)]
+    prof = profiles.learn(index, image_id, events)
+    assert prof.chunks == [(index.chunks[c], index.chunk_sizes[c]) for c in (2, 0, 1)] and prof.files == 1
+    profiles.save_learned(str(tmp_path / "cache"), prof)
+    assert profiles.load_learned(str(tmp_path / "cache"), image_id) == prof
+    assert profiles.load_learned(str(tmp_path / "cache"), "f" * 64) is None
+    Path(profiles.learned_path(str(tmp_path / "cache"), image_id)).write_bytes(b"{not json")
+    assert profiles.load_learned(str(tmp_path / "cache"), image_id) is None  # ignored, not fatal
+
+
+def test_next_mount_on_the_host_prefetches_what_the_last_one_read(tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    """A mount remembers its first touches in the host cache directory when it ends; the next
+    mount of the image (no profile) checks those chunks into the page cache ahead of demand."""
+    store, image_id = _image(tmp_path)
+    url, cache = f"file://{tmp_path}/store", str(tmp_path / "cache")
+    info = mounter.mount(url, image_id, cache_dir=cache)
+    assert (Path(info.mountpoint) / "b").read_bytes()
+    mounter.unmount(info)
+    learned = profiles.load_learned(cache, image_id)
+    assert learned is not None and set(_chunks_of(store, image_id, "/b")) <= {d for d, _ in learned.chunks}
+    info = mounter.mount(url, image_id, cache_dir=cache)
+    stats = lambda: mounts.read_stats(info.mountpoint)["fetch"]  # noqa: E731
+    _wait(lambda: stats()["disk"]["hits"] >= len(learned.chunks))  # each checked in place
+    before = stats()["disk"]["part_reads"]
+    assert (Path(info.mountpoint) / "b").read_bytes()
+    s = stats()
+    assert s["chunks_fetched"] == 0 and s["disk"]["part_reads"] > before  # straight from the page cache
+    mounter.unmount(info)
+    info = mounter.mount(url, image_id, cache_dir=cache)  # touched nothing: keeps what was learned
+    mounter.unmount(info)
+    assert profiles.load_learned(cache, image_id) is not None

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import pyfuse3
 import trio
 
+from imagefs import profile as profiles
 from imagefs.errors import ImageFSError
 from imagefs.fs import control
 from imagefs.fs.cache import DEFAULT_MEMORY_SIZE, DEFAULT_SIZE, HostCache, MemoryCache
@@ -64,6 +65,9 @@ class DaemonConfig:
     guess_env: list[str] = field(default_factory=list)
     guess_cwd: str = "/"
     guess_budget: int = DEFAULT_GUESS_BUDGET
+    # Without a profile: prefetch what the last mount of the image on this host touched first
+    # (kept in the host cache directory, imagefs.profile.learn); it goes before a guess.
+    learned: bool = True
     verbose: int = 0
 
     def to_json(self) -> str:
@@ -114,6 +118,14 @@ class Daemon:
             pyfuse3.close(unmount=self.signalled)
             self._remove_state()
             self.store.close()
+            self._save_learned()
+
+    def _save_learned(self) -> None:
+        """Remember this mount's first-touch order for the next mount of the image on this host
+        (not when it touched nothing: a mount used only for stats must not erase what was learned)."""
+        learned = profiles.learn(self.index, self.config.image_id, self.trace.events)
+        if learned.chunks:
+            profiles.save_learned(self.config.cache_dir, learned)
 
     async def _main(self, ready: Ready, info: dict[str, Any]) -> None:
         async with self.fetcher.running():
@@ -128,11 +140,27 @@ class Daemon:
                 ready({"ok": True, "pid": os.getpid(), "image": self.config.image_id, **info})
                 self.startup.mark("ready")
                 log.info("start-up (ms): %s", self.startup)
-                if self.config.profile:
-                    nursery.start_soon(self._replay_profile, name="prefetch-profile")
-                elif self.config.guess_argv:
-                    nursery.start_soon(self._prefetch_guess, name="prefetch-guess")
+                self._start_prefetch(nursery)
                 log.info("serving image %s at %s", self.config.image_id, self.config.mountpoint)
+
+    def _start_prefetch(self, nursery: trio.Nursery) -> None:
+        """The recorded profile, else what this host learned, else a guess from the command."""
+        if self.config.profile:
+            nursery.start_soon(self._replay_profile, name="prefetch-profile")
+        elif self.config.learned and self._prefetch_learned():
+            return
+        elif self.config.guess_argv:
+            nursery.start_soon(self._prefetch_guess, name="prefetch-guess")
+
+    def _prefetch_learned(self) -> bool:
+        """Queue what the last mount of this image on this host touched first, if it is known."""
+        learned = profiles.load_learned(self.config.cache_dir, self.config.image_id)
+        if learned is None or not learned.chunks:
+            return False
+        chunks = profiles.chunks_to_prefetch(learned, self.index, self.config.image_id)
+        self.fetcher.prefetch(chunks)
+        log.info("prefetching %d chunks learned by an earlier mount on this host", len(chunks))
+        return True
 
     async def _prefetch_guess(self) -> None:
         """Queue the guessed start-up chunks of the configured command for prefetch."""
@@ -149,8 +177,6 @@ class Daemon:
 
     async def _replay_profile(self) -> None:
         """Queue the profile's chunks for prefetch, in order; demand reads keep priority."""
-        from imagefs import profile as profiles
-
         try:
             prof = await trio.to_thread.run_sync(profiles.load, self.store, self.config.profile)
         except ImageFSError as e:
