@@ -10,7 +10,8 @@ noisy machine (medians over the repeats):
   native_warm     the same again, page cache kept
   lazy_cold       fresh mount, empty host cache, page cache dropped
   lazy_second     a second run on that same mount (kernel caches kept)
-  lazy_warm_host  fresh mount, host cache full, page cache dropped
+  lazy_warm_host  fresh mount, host cache full (and the first-touch order the earlier mount left
+                  there, which the mount prefetches), page cache dropped
 Read modes (a 1 GiB random file in an image of its own): native file from disk, lazy with an
 empty host cache, lazy from the host cache with its files in the page cache ("hot") and dropped
 ("disk"). Everything lives under --work; mounts use a private run directory and are always

@@ -6,7 +6,6 @@ pull      what docker/containerd do: fetch every chunk from the store (in parall
           write the rootfs to disk, then run; the pull is a phase of its own
 cold      coldstart: fresh lazy mount, empty host cache, page cache dropped
 warm      coldstart: fresh lazy mount, host cache already holding the image, page cache dropped
-          (and the order in which the warm-up run touched chunks, which the mount prefetches)
 prefetch  cold, with the image's recorded start-up profile streamed ahead of demand
 guess     cold, no profile: the working set guessed from the command (imagefs.guess) streamed instead
 containerd  stock containerd: `ctr image pull` from a local registry (fetch + unpack), then `ctr run`

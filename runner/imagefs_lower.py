@@ -52,9 +52,9 @@ def imagefs_provider(state_dir: Path, store_url: str | None, cache_dir: str | No
                      guess: bool = GUESS_BY_DEFAULT) -> SharedMountProvider:
     """A LowerProvider serving images from the store through shared lazy mounts. With prefetch,
     a mount started for a tag that has a start-up profile streams the profile's chunks, with
-    prefetch_workers parallel fetches (the fetcher's default when None); with guess as well, a
-    mount of an image without a profile prefetches what the container's command is guessed to
-    read first (imagefs.guess)."""
+    prefetch_workers parallel fetches (the fetcher's default when None); a mount of an image
+    without a profile prefetches what the last mount of it on this host touched first, else (with
+    guess) what the container's command is guessed to read first (imagefs.guess)."""
     resolver = StoreResolver(store_url, prefetch, cache_dir)
     tuning = {"limits": {"prefetch_workers": prefetch_workers}} if prefetch_workers else {}
     starts: dict[str, StartCommand] = {}
@@ -70,7 +70,7 @@ def imagefs_provider(state_dir: Path, store_url: str | None, cache_dir: str | No
             cmd = starts[key]
             hint = {"guess_argv": cmd.argv, "guess_env": [f"PATH={cmd.path}"], "guess_cwd": cmd.cwd}
         mount_image(store_url, key, mnt, cache_dir=cache_dir, cache_size=cache_size,
-                    profile=profile, **tuning, **hint)
+                    profile=profile, learned=prefetch, **tuning, **hint)
 
     def stop(key: str, mnt: Path) -> None:
         if is_mounted(mnt):
