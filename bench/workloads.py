@@ -30,5 +30,5 @@ WORKLOADS = {w.name: w for w in [
 ]}
 SUITES = {
     "quick": (["hello", "python", "torch"], ["native", "pull", "cold", "warm"], 3),
-    "full": (list(WORKLOADS), ["native", "pull", "cold", "warm", "prefetch", "containerd"], 5),
+    "full": (list(WORKLOADS), ["native", "pull", "cold", "warm", "prefetch", "guess", "containerd"], 5),
 }
