@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import msgpack
 
 from imagefs import chunks as blobs
 from imagefs.errors import BlobNotFound, CorruptBlob, ImageNotFound
+from imagefs.hostfiles import HostFiles
 from imagefs.index import FORMAT_VERSION, ImageConfig, ImageIndex
 from imagefs.store.base import BlobStore
 
@@ -32,61 +32,32 @@ class IndexCache:
     """Stored index blobs of images, by image ID, in one directory."""
 
     def __init__(self, cache_dir: str | os.PathLike[str]) -> None:
-        self.dir = Path(cache_dir) / SUBDIR
+        self._files = HostFiles(Path(cache_dir) / SUBDIR, MAX_ENTRIES)
+        self.dir = self._files.dir
 
     def path(self, image_id: str) -> Path:
         if not blobs.is_digest(image_id):
             raise ValueError(f"not an image ID: {image_id!r}")
-        return self.dir / image_id
+        return self._files.path(image_id)
 
     def has(self, image_id: str) -> bool:
         return blobs.is_digest(image_id) and self.path(image_id).is_file()
 
     def load(self, image_id: str) -> bytes | None:
         """The verified, decoded index, or None (not cached, or found damaged and dropped)."""
-        try:
-            blob = self.path(image_id).read_bytes()
-        except OSError:
+        blob = self._files.read(self.path(image_id).name)
+        if blob is None:
             return None
         try:
-            raw = blobs.decode(blob, image_id)
+            return blobs.decode(blob, image_id)
         except CorruptBlob as e:
             log.warning("index cache: dropping %s: %s", image_id, e.reason)
-            self._remove(self.path(image_id))
+            self._files.remove(image_id)
             return None
-        return raw
 
     def save(self, image_id: str, blob: bytes) -> None:
         """Keep a stored index blob (the caller has verified it); errors are only logged."""
-        path = self.path(image_id)
-        tmp = self.dir / f".{image_id}.{secrets.token_hex(6)}.tmp"
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(blob)
-            os.replace(tmp, path)
-        except OSError as e:
-            log.warning("index cache: cannot keep index %s: %s", image_id, e.strerror or e)
-            self._remove(tmp)
-            return
-        self._trim()
-
-    def _trim(self) -> None:
-        """Remove the oldest files beyond MAX_ENTRIES (stale temporary files count, and go first)."""
-        try:
-            entries = [(e.stat().st_mtime, e.path) for e in os.scandir(self.dir)]
-        except OSError:
-            return
-        if len(entries) <= MAX_ENTRIES:
-            return
-        for _mtime, path in sorted(entries)[: len(entries) - MAX_ENTRIES]:
-            self._remove(Path(path))
-
-    @staticmethod
-    def _remove(path: Path) -> None:
-        try:
-            path.unlink()
-        except OSError:
-            pass
+        self._files.write(self.path(image_id).name, blob)
 
 
 def load_index(store: BlobStore, image_id: str, cache_dir: str | os.PathLike[str] | None) -> ImageIndex:

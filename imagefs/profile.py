@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from imagefs import chunks as blobs
 from imagefs.chunks import Digest
 from imagefs.errors import BlobNotFound, CorruptBlob, ImageFSError
+from imagefs.hostfiles import HostFiles
 from imagefs.images import Ref, update_tag
 from imagefs.index import ImageIndex
 from imagefs.store.base import BlobStore
@@ -110,60 +110,44 @@ def chunks_to_prefetch(profile: Profile, index: ImageIndex, image_id: str) -> li
 LEARN_WINDOW_S = 60.0
 
 
+LEARNED_DIR = "learned"
+LEARNED_MAX = 256  # images whose order a host remembers
+
+
+def _learned(cache_dir: str) -> HostFiles:
+    return HostFiles(os.path.join(cache_dir, LEARNED_DIR), LEARNED_MAX)
+
+
 def learned_path(cache_dir: str, image_id: str) -> str:
-    return os.path.join(cache_dir, "learned", f"{image_id}.json")
+    return str(_learned(cache_dir).path(image_id))
 
 
-def learn(index: ImageIndex, image_id: str, events: Iterable[tuple[int, str, int, int, int]],
+def learn(index: ImageIndex, image_id: str, events: Sequence[tuple[int, str, int, int, int]],
           window_s: float = LEARN_WINDOW_S) -> Profile:
-    """A profile from a mount's raw trace events (imagefs.fs.trace.AccessTrace.events)."""
-    chunks: list[tuple[str, int]] = []
-    seen: set[int] = set()
-    first: int | None = None
-    files = 0
-    for t_ns, kind, _ino, chunk, _off in events:
-        first = t_ns if first is None else first
-        if t_ns - first > window_s * 1e9:
-            break
-        if kind == "file":
-            files += 1
-        elif chunk not in seen and 0 <= chunk < len(index.chunks):
-            seen.add(chunk)
-            chunks.append((index.chunks[chunk], index.chunk_sizes[chunk]))
-    return Profile(image_id, chunks, files, command=["(learned on this host)"])
+    """A profile from a mount's raw trace events (imagefs.fs.trace.AccessTrace.events), cut
+    window_s after the first of them; chunk numbers the index does not have are left out."""
+    start = events[0][0] if events else 0
+    docs = ({"t": (t_ns - start) / 1e9, "kind": kind, "chunk": index.chunks[chunk], "size": index.chunk_sizes[chunk]}
+            if kind == "chunk" else {"t": (t_ns - start) / 1e9, "kind": kind}
+            for t_ns, kind, _ino, chunk, _off in events if kind != "chunk" or 0 <= chunk < len(index.chunks))
+    return from_trace(image_id, docs, until=window_s, command=["(learned on this host)"])
 
 
 def save_learned(cache_dir: str, profile: Profile) -> None:
     """Write (replace) the image's learned profile atomically; errors are logged, not raised."""
-    path = learned_path(cache_dir, profile.image)
-    tmp = f"{path}.{secrets.token_hex(6)}"
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(profile.encode())
-        os.replace(tmp, path)
-    except OSError as e:
-        log.warning("cannot save the learned profile of %s: %s", profile.image, e)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+    _learned(cache_dir).write(profile.image, profile.encode())
 
 
 def load_learned(cache_dir: str, image_id: str) -> Profile | None:
     """The image's learned profile on this host, if there is a readable one."""
-    path = learned_path(cache_dir, image_id)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
+    if not blobs.is_digest(image_id):
         return None
-    except OSError as e:
-        log.warning("cannot read %s: %s", path, e)
+    raw = _learned(cache_dir).read(image_id)
+    if raw is None:
         return None
     try:
-        prof = Profile.decode(raw, path)
+        prof = Profile.decode(raw, image_id)
     except CorruptBlob as e:
-        log.warning("ignoring %s: %s", path, e.reason)
+        log.warning("ignoring the learned profile of %s: %s", image_id, e.reason)
         return None
     return prof if prof.image == image_id else None
