@@ -19,7 +19,7 @@ import posixpath
 import re
 import stat
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterator
 
 from imagefs.chunks import Digest
 from imagefs.index import ROOT_INO, ImageIndex
@@ -119,13 +119,12 @@ def _imports_of(code: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def guess(index: ImageIndex, argv: list[str], env: Iterable[str] = (), cwd: str = "/",
+def guess(index: ImageIndex, argv: list[str], path: str = DEFAULT_PATH, cwd: str = "/",
           budget: int = DEFAULT_BUDGET) -> Guess:
     """The guessed start-up chunks of running argv in the image (see the module docstring)."""
     if not argv:
         return Guess([], [], None)
-    path_env = next((e[5:] for e in env if e.startswith("PATH=")), DEFAULT_PATH)
-    exe = find_executable(index, argv[0].encode(), path_env, cwd.encode() or b"/")
+    exe = find_executable(index, argv[0].encode(), path, cwd.encode() or b"/")
     if exe is None:
         return Guess([], [], None)
     files = [exe[1], *_runtime_files(index)]

@@ -68,7 +68,7 @@ def imagefs_provider(state_dir: Path, store_url: str | None, cache_dir: str | No
         hint: dict[str, object] = {}
         if prefetch and guess and not profile and key in starts:
             cmd = starts[key]
-            hint = {"guess_argv": cmd.argv, "guess_env": [f"PATH={cmd.path}"], "guess_cwd": cmd.cwd}
+            hint = {"guess_argv": cmd.argv, "guess_path": cmd.path, "guess_cwd": cmd.cwd}
         mount_image(store_url, key, mnt, cache_dir=cache_dir, cache_size=cache_size,
                     profile=profile, learned=prefetch, **tuning, **hint)
 

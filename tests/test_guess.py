@@ -86,7 +86,7 @@ def test_imported_modules_of_a_command_line() -> None:
 
 
 def test_python_guess_is_runtime_then_stdlib_then_imported_packages(index: ImageIndex) -> None:
-    g = guess(index, ["python3", "-c", "import mypkg.sub; import single"], ["PATH=/usr/bin"])
+    g = guess(index, ["python3", "-c", "import mypkg.sub; import single"], "/usr/bin")
     files = [f.decode() for f in g.files]
     assert g.executable == b"/usr/bin/python3.11" and files[0] == "/usr/bin/python3.11"
     pos = {f: i for i, f in enumerate(files)}

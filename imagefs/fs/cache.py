@@ -3,9 +3,9 @@
 On disk: ``<root>/chunks/<first two hex>/<digest>`` holds the verified, decompressed content of a
 chunk. Files appear by rename of a complete temp file, and every load checks the blake3 again, so
 a torn or rotten file is dropped and refetched, never served (which is why no fsync is needed).
-A file this process has verified (or written) is kept open (a few, LRU) and parts of it are then read straight
-from the page cache without verifying again: the open descriptor pins the verified inode, which
-nothing rewrites in place (new content arrives by rename).
+A file this process has verified (or written) is kept open (a few, LRU) and parts of it are then
+read straight from the page cache without verifying again: the open descriptor pins the verified
+inode, which nothing rewrites in place (new content arrives by rename).
 Recency is the file's mtime, refreshed on a hit at most once a minute. The total is bounded:
 when a process sees it exceed the budget it takes ``<root>/lock`` (flock) and deletes the least
 recently used files down to 90 % of it. Several daemons may share one directory.

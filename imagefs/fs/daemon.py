@@ -29,7 +29,8 @@ from imagefs.fs.fuse_ops import FuseOps, mount_options
 from imagefs.fs.model import ImageFS, ReadaheadPolicy
 from imagefs.fs.mounts import unescape_mount_path
 from imagefs.fs.trace import DEFAULT_LIMIT, AccessTrace
-from imagefs.guess import DEFAULT_BUDGET as DEFAULT_GUESS_BUDGET, guess as guess_startup
+from imagefs.guess import DEFAULT_BUDGET as DEFAULT_GUESS_BUDGET, DEFAULT_PATH as DEFAULT_GUESS_PATH
+from imagefs.guess import guess as guess_startup
 from imagefs.indexcache import load_index
 from imagefs.store.factory import open_store
 
@@ -59,10 +60,10 @@ class DaemonConfig:
     # the GIL (Python's default of 5 ms stalls readahead behind a busy loop).
     switch_interval: float = 0.0005
     profile: str = ""  # digest of a start-up profile to prefetch after the mount is ready
-    # Without a profile: the command a container will run (argv, env, cwd), from which the
+    # Without a profile: the command a container will run (argv, PATH, cwd), from which the
     # start-up working set is guessed and prefetched (imagefs.guess); empty argv: no guess.
     guess_argv: list[str] = field(default_factory=list)
-    guess_env: list[str] = field(default_factory=list)
+    guess_path: str = DEFAULT_GUESS_PATH
     guess_cwd: str = "/"
     guess_budget: int = DEFAULT_GUESS_BUDGET
     # Without a profile: prefetch what the last mount of the image on this host touched first
@@ -167,7 +168,7 @@ class Daemon:
         c = self.config
         try:
             found = await trio.to_thread.run_sync(
-                lambda: guess_startup(self.index, c.guess_argv, c.guess_env, c.guess_cwd, c.guess_budget))
+                lambda: guess_startup(self.index, c.guess_argv, c.guess_path, c.guess_cwd, c.guess_budget))
         except Exception:  # a guess is an optimisation: its bug must not take the mount down
             log.exception("no prefetch: guessing the working set of %s failed", c.guess_argv[:3])
             return

@@ -5,6 +5,7 @@ dict in tests); failures are the domain errors of imagefs.fs.errors.
 """
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from dataclasses import dataclass, field
@@ -131,10 +132,14 @@ class ImageFS:
         self._streams: dict[int, ReadStream] = {}
         self._listings: dict[int, list[tuple[bytes, int]]] = {}
         self._file_bytes = index.file_bytes
-        self.has_xattrs = any(node.xattrs for node in index.inodes)
         self._parts = source if isinstance(source, PartSource) else None
 
     # -- metadata ------------------------------------------------------------------------------
+    @functools.cached_property
+    def has_xattrs(self) -> bool:
+        """Whether any entry of the image has an xattr (asked once, at the first getxattr)."""
+        return any(node.xattrs for node in self.index.inodes)
+
     def inode(self, ino: int) -> Inode:
         if not 1 <= ino <= len(self.index.inodes):
             raise NoEntry(f"no inode {ino}")
