@@ -36,7 +36,7 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from bench.util import drop_page_cache, machine, median, write_json
+from bench.util import cpu_ticks, drop_page_cache, machine, median, write_json
 
 ROOTFS = Path("/var/cache/coldstart-bench/torch")
 CODE = "import torch"
@@ -298,13 +298,18 @@ def main(argv: list[str] | None = None) -> int:
     with store_url(args.store, args.work) as url:
         b = Bench(args.work, args.rootfs, args.code, url, args.kernel_readahead_kb)
         trees = [b.tree(label, root) for label, root in args.tree or [("this", Path(__file__).parents[1])]]
+        start = cpu_ticks()
         records = run(b, trees, args.repeat, args.only)
+        end = cpu_ticks()
     summary = summarise(records, [t.label for t in trees])
-    doc = {"machine": machine(), "code": args.code, "repeat": args.repeat, "records": records,
+    cpu = {k: round(end[k] - start[k], 1) for k in start}
+    doc = {"machine": machine(), "code": args.code, "repeat": args.repeat, "records": records, "cpu_s": cpu,
            "kernel_readahead_kb": args.kernel_readahead_kb, "store": args.store,
            "trees": {t.label: str(t.root) for t in trees}, **summary}
     write_json(args.out or args.work / "result.json", doc)
     print(table(summary))
+    print(f"\nCPU seconds over the run (all CPUs): busy {cpu['busy']}, idle {cpu['idle']}, "
+          f"stolen by the host {cpu['steal']}")
     return 0
 
 
@@ -337,11 +342,17 @@ def run(b: Bench, trees: list[Tree], repeat: int, only: str | None) -> list[dict
     repeat to the next (whatever runs after another run's leftovers, e.g. its host-cache writes
     or the machine's noisy moments, is not always the same)."""
     records: list[dict[str, Any]] = []
+    last = [cpu_ticks()]
 
     def recorder(label: str) -> Recorder:
         def rec(mode: str, value: float, ops: dict[str, Any] | None) -> None:
-            records.append({"tree": label, "mode": mode, "value": value, "ops": ops or {}})
-            print(f"  {label:<8} {mode:<18} {value:8.2f}", file=sys.stderr, flush=True)
+            # steal since the previous record: time this VM's CPUs waited for the host
+            now = cpu_ticks()
+            steal = now["steal"] - last[0]["steal"]
+            last[0] = now
+            records.append({"tree": label, "mode": mode, "value": value, "ops": ops or {},
+                            "steal_s": round(steal, 2)})
+            print(f"  {label:<8} {mode:<18} {value:8.2f}   steal {steal:5.2f} s", file=sys.stderr, flush=True)
         return rec
 
     big_src = b.big_file_dir() if only != "torch" else None
