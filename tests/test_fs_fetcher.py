@@ -231,3 +231,28 @@ def test_use_outside_running_is_refused(store: ProbeStore) -> None:
     f = ChunkFetcher(store, None, MemoryCache())
     with pytest.raises(RuntimeError):
         trio.run(f.get, d, len(data))
+
+
+def test_on_busy_brackets_loads(store: ProbeStore) -> None:
+    """The daemon stops polling the FUSE device while loads run: on_busy(True) when the first
+    of several overlapping loads starts, on_busy(False) when the last one ends, also on errors."""
+    store.delay = 0.02
+    chunks = put_chunks(store, 3)
+    calls: list[tuple[bool, int]] = []
+    f = ChunkFetcher(store, None, MemoryCache())
+    f.on_busy = lambda busy: calls.append((busy, len(store.gets)))
+
+    async def loads(f: ChunkFetcher) -> None:
+        async with trio.open_nursery() as n:
+            for d, data in chunks:
+                n.start_soon(f.get, d, len(data))
+        assert calls == [(True, 0), (False, 3)]
+        await f.get(chunks[0][0], len(chunks[0][1]))  # in memory: no load, no call
+        assert len(calls) == 2
+        store.down = True
+        (d, data), = put_chunks(store.inner, 1, size=1000)
+        with pytest.raises(ChunkUnavailable):
+            await f.get(d, len(data))
+
+    run(f, loads)
+    assert [busy for busy, _gets in calls] == [True, False, True, False]

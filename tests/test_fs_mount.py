@@ -13,6 +13,7 @@ import pytest
 from imagefs.errors import ImageNotFound
 from imagefs.fs import mounts
 from imagefs.fs.errors import MountError
+from imagefs.fs.fuse_ops import POLL_US, PYFUSE3_FEATURES
 from imagefs.images import Ref, set_tag
 from imagefs.store.local import LocalStore
 from tests.fixtures.mount import Mounter, make_python_root, store_image
@@ -202,3 +203,25 @@ def test_cli_mount_foreground(mounter: Mounter, rich_image: tuple[Path, LocalSto
             proc.wait()
         proc.stdout.close()  # type: ignore[union-attr]
         proc.stderr.close()  # type: ignore[union-attr]
+
+
+def test_polling_serves_bursts_and_cold_walks(mounter: Mounter,
+                                              rich_image: tuple[Path, LocalStore, str]) -> None:
+    """With the patched pyfuse3 the daemon polls the device after each reply and stops while
+    chunk loads run: a burst of negative lookups and a cold walk of the whole tree (whose loads
+    switch polling off and on again many times) are served right; poll_us=0 never polls."""
+    if "polling" not in PYFUSE3_FEATURES:
+        pytest.skip("this pyfuse3 cannot poll (scripts/setup.sh builds one that can)")
+    src, store, image_id = rich_image
+    want = snapshot(src)
+    for poll in (POLL_US, 0):
+        info = mounter.mount(store.url, image_id, cache_dir=mounter.base / f"poll-{poll}", poll_us=poll)
+        assert mounts.read_stats(info.mountpoint)["fuse"]["polling_us"] == poll
+        for i in range(2000):
+            with pytest.raises(FileNotFoundError):
+                os.stat(Path(info.mountpoint, f"etc/missing-{i}"))
+        assert fuse_ops(info.mountpoint)["lookup"] >= 2000
+        assert not diff(want, snapshot(info.mountpoint))
+        stats = mounts.read_stats(info.mountpoint)
+        assert stats["fetch"]["chunks_fetched"] > 1 and stats["fetch"]["errors"] == 0
+        mounter.unmount(info)

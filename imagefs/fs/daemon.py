@@ -25,7 +25,7 @@ from imagefs.errors import ImageFSError
 from imagefs.fs import control
 from imagefs.fs.cache import DEFAULT_MEMORY_SIZE, DEFAULT_SIZE, HostCache, MemoryCache
 from imagefs.fs.fetcher import ChunkFetcher, FetchLimits
-from imagefs.fs.fuse_ops import FuseOps, mount_options
+from imagefs.fs.fuse_ops import POLL_US, FuseOps, mount_options, set_polling
 from imagefs.fs.model import ImageFS, ReadaheadPolicy
 from imagefs.fs.mounts import unescape_mount_path
 from imagefs.fs.trace import DEFAULT_LIMIT, AccessTrace
@@ -59,6 +59,9 @@ class DaemonConfig:
     # How long a worker thread that finished a load may wait for the event loop to let go of
     # the GIL (Python's default of 5 ms stalls readahead behind a busy loop).
     switch_interval: float = 0.0005
+    # Microseconds to keep polling the FUSE device after a reply (fuse_ops.POLL_US); 0: never.
+    # Off while chunk loads are in flight, whose decoding needs the CPU more.
+    poll_us: int = POLL_US
     profile: str = ""  # digest of a start-up profile to prefetch after the mount is ready
     # Without a profile: the command a container will run (argv, PATH, cwd), from which the
     # start-up working set is guessed and prefetched (imagefs.guess); empty argv: no guess.
@@ -98,6 +101,7 @@ class Daemon:
         self.fs = ImageFS(self.index, self.fetcher, trace=self.trace, readahead=policy)
         self.ops = FuseOps(self.fs)
         self.signalled = False
+        self.polling_us = 0  # what _start_polling turned on
         self.startup.mark("model")
 
     def cached_chunks(self) -> tuple[int, int]:
@@ -110,6 +114,7 @@ class Daemon:
         cached, total = self.cached_chunks()
         self.startup.mark("cached_count")
         pyfuse3.init(self.ops, self.config.mountpoint, mount_options(allow_other=self.config.allow_other))
+        self._start_polling()
         self.startup.mark("fuse_init")
         try:
             trio.run(self._main, ready, {"cached_chunks": cached, "total_chunks": total})
@@ -120,6 +125,12 @@ class Daemon:
             self._remove_state()
             self.store.close()
             self._save_learned()
+
+    def _start_polling(self) -> None:
+        poll = self.config.poll_us
+        if poll > 0 and set_polling(poll):
+            self.polling_us = poll
+            self.fetcher.on_busy = lambda busy: set_polling(0 if busy else poll)
 
     def _save_learned(self) -> None:
         """Remember this mount's first-touch order for the next mount of the image on this host
@@ -217,7 +228,7 @@ class Daemon:
         return {"mountpoint": self.config.mountpoint, "image": self.config.image_id,
                 "ref": self.config.ref, "store": self.config.store_url, "pid": os.getpid(),
                 "uptime_s": round(time.time() - self.started, 3), "fetch": self.fetcher.stats(),
-                "fuse": self.ops.metrics.as_dict(),
+                "fuse": {**self.ops.metrics.as_dict(), "polling_us": self.polling_us},
                 "trace": {"events": len(self.trace), "truncated": self.trace.truncated}}
 
     def _write_state(self) -> None:

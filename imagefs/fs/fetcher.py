@@ -18,7 +18,7 @@ import logging
 from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 import trio
 
@@ -101,6 +101,9 @@ class ChunkFetcher:
         self._wakeups: dict[str, trio.Event] = {READAHEAD: trio.Event(), PREFETCH: trio.Event()}
         self._nursery: trio.Nursery | None = None
         self._writes: trio.Nursery | None = None
+        # Told True when loads start while none ran, False when the last one ends: the daemon
+        # stops polling the FUSE device meanwhile, leaving the CPU to fetching and decoding.
+        self.on_busy: Callable[[bool], None] | None = None
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator["ChunkFetcher"]:
@@ -191,6 +194,8 @@ class ChunkFetcher:
     def _launch(self, digest: Digest, size: int, kind: str) -> _Flight:
         if self._nursery is None:
             raise RuntimeError("ChunkFetcher used outside running()")
+        if not self._inflight and self.on_busy is not None:
+            self.on_busy(True)
         flight = self._inflight[digest] = _Flight()
         self._nursery.start_soon(self._load, digest, size, kind, flight, name=f"load-{digest[:12]}")
         return flight
@@ -212,6 +217,8 @@ class ChunkFetcher:
         finally:
             del self._inflight[digest]
             flight.done.set()
+            if not self._inflight and self.on_busy is not None:
+                self.on_busy(False)
         if from_store and flight.data is not None and self._writes is not None:
             self._writes.start_soon(self._write_back, digest, flight.data, name=f"cache-{digest[:12]}")
 
