@@ -225,3 +225,18 @@ def test_polling_serves_bursts_and_cold_walks(mounter: Mounter,
         stats = mounts.read_stats(info.mountpoint)
         assert stats["fetch"]["chunks_fetched"] > 1 and stats["fetch"]["errors"] == 0
         mounter.unmount(info)
+
+
+def test_poll_time_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from imagefs.fs.daemon import DaemonConfig
+    from imagefs.fs.fuse_ops import default_poll_us
+
+    monkeypatch.delenv("COLDSTART_POLL_US", raising=False)
+    assert default_poll_us() == POLL_US
+    for text, want in (("0", 0), ("120", 120), ("-5", 0), ("soon", POLL_US)):
+        monkeypatch.setenv("COLDSTART_POLL_US", text)
+        assert default_poll_us() == want
+    monkeypatch.setenv("COLDSTART_POLL_US", "7")
+    config = DaemonConfig(store_url="file:///s", image_id="x", mountpoint="/m", cache_dir="/c",
+                          state_path="/s.json", socket_path="/s.sock")
+    assert config.poll_us == 7

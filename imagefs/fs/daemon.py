@@ -25,7 +25,7 @@ from imagefs.errors import ImageFSError
 from imagefs.fs import control
 from imagefs.fs.cache import DEFAULT_MEMORY_SIZE, DEFAULT_SIZE, HostCache, MemoryCache
 from imagefs.fs.fetcher import ChunkFetcher, FetchLimits
-from imagefs.fs.fuse_ops import POLL_US, FuseOps, mount_options, set_polling
+from imagefs.fs.fuse_ops import FuseOps, default_poll_us, mount_options, set_polling
 from imagefs.fs.model import ImageFS, ReadaheadPolicy
 from imagefs.fs.mounts import unescape_mount_path
 from imagefs.fs.trace import DEFAULT_LIMIT, AccessTrace
@@ -59,9 +59,10 @@ class DaemonConfig:
     # How long a worker thread that finished a load may wait for the event loop to let go of
     # the GIL (Python's default of 5 ms stalls readahead behind a busy loop).
     switch_interval: float = 0.0005
-    # Microseconds to keep polling the FUSE device after a reply (fuse_ops.POLL_US); 0: never.
+    # Microseconds to keep polling the FUSE device after a reply ($COLDSTART_POLL_US, else
+    # fuse_ops.POLL_US); 0: never.
     # Off while chunk loads are in flight, whose decoding needs the CPU more.
-    poll_us: int = POLL_US
+    poll_us: int = field(default_factory=default_poll_us)
     profile: str = ""  # digest of a start-up profile to prefetch after the mount is ready
     # Without a profile: the command a container will run (argv, PATH, cwd), from which the
     # start-up working set is guessed and prefetched (imagefs.guess); empty argv: no guess.

@@ -45,6 +45,17 @@ PYFUSE3_FEATURES: frozenset[str] = getattr(pyfuse3, "coldstart_features", frozen
 POLL_US = 50
 
 
+def default_poll_us() -> int:
+    """$COLDSTART_POLL_US if set (0 turns polling off: a host short of CPU, or many busy
+    mounts), else POLL_US."""
+    text = os.environ.get("COLDSTART_POLL_US", "").strip()
+    try:
+        return max(0, int(text)) if text else POLL_US
+    except ValueError:
+        log.warning("ignoring COLDSTART_POLL_US=%r: not a number of microseconds", text)
+        return POLL_US
+
+
 def set_polling(microseconds: int) -> bool:
     """Poll the device this long after each reply (0: sleep at once); False if this pyfuse3
     cannot (the stock build). Only after pyfuse3.init()."""
