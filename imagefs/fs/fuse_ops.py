@@ -64,6 +64,7 @@ def set_polling(microseconds: int) -> bool:
     pyfuse3.set_polling(microseconds)  # type: ignore[attr-defined]  # the patched build only
     return True
 
+
 _ERRNO: tuple[tuple[type[Exception], int], ...] = (
     (NoEntry, errno.ENOENT),
     (NotADirectory, errno.ENOTDIR),
