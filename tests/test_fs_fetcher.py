@@ -15,7 +15,7 @@ from imagefs.chunks import Digest
 from imagefs.errors import StoreUnavailable
 from imagefs.fs.cache import HostCache, MemoryCache
 from imagefs.fs.errors import ChunkUnavailable
-from imagefs.fs.fetcher import ChunkFetcher, FetchLimits
+from imagefs.fs.fetcher import PREFETCH, ChunkFetcher, FetchLimits
 from imagefs.store.base import BlobInfo, BlobStore
 from imagefs.store.local import LocalStore
 
@@ -234,8 +234,9 @@ def test_use_outside_running_is_refused(store: ProbeStore) -> None:
 
 
 def test_on_busy_brackets_loads(store: ProbeStore) -> None:
-    """The daemon stops polling the FUSE device while loads run: on_busy(True) when the first
-    of several overlapping loads starts, on_busy(False) when the last one ends, also on errors."""
+    """The daemon stops polling the FUSE device while loads a reader waits for run: on_busy(True)
+    when the first of several overlapping loads starts, on_busy(False) when the last one ends,
+    also on errors; prefetch loads do not count."""
     store.delay = 0.02
     chunks = put_chunks(store, 3)
     calls: list[tuple[bool, int]] = []
@@ -253,6 +254,13 @@ def test_on_busy_brackets_loads(store: ProbeStore) -> None:
         (d, data), = put_chunks(store.inner, 1, size=1000)
         with pytest.raises(ChunkUnavailable):
             await f.get(d, len(data))
+        store.down = False
+        more = put_chunks(store.inner, 6, size=2000)[3:]
+        f.prefetch([(d, len(data)) for d, data in more])
+        while f.pending(PREFETCH) or f.stats()["inflight"]:
+            await trio.sleep(0.01)
+        assert f.counters.by_kind[PREFETCH].chunks == 3
+        assert len(calls) == 4  # the prefetch loaded them without a call
 
     run(f, loads)
     assert [busy for busy, _gets in calls] == [True, False, True, False]

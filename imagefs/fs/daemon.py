@@ -60,8 +60,8 @@ class DaemonConfig:
     # the GIL (Python's default of 5 ms stalls readahead behind a busy loop).
     switch_interval: float = 0.0005
     # Microseconds to keep polling the FUSE device after a reply ($COLDSTART_POLL_US, else
-    # fuse_ops.POLL_US; 0: never). Off while chunk loads are in flight, whose decoding needs the
-    # CPU more.
+    # fuse_ops.POLL_US; 0: never). Off while loads a reader waits for are in flight, whose
+    # decoding needs the CPU more.
     poll_us: int = field(default_factory=default_poll_us)
     profile: str = ""  # digest of a start-up profile to prefetch after the mount is ready
     # Without a profile: the command a container will run (argv, PATH, cwd), from which the

@@ -101,9 +101,13 @@ class ChunkFetcher:
         self._wakeups: dict[str, trio.Event] = {READAHEAD: trio.Event(), PREFETCH: trio.Event()}
         self._nursery: trio.Nursery | None = None
         self._writes: trio.Nursery | None = None
-        # Told True when loads start while none ran, False when the last one ends: the daemon
-        # stops polling the FUSE device meanwhile, leaving the CPU to fetching and decoding.
+        # Told True when a demand or readahead load starts while none ran, False when the last
+        # one ends: the daemon stops polling the FUSE device meanwhile, leaving the CPU to the
+        # fetching and decoding a reader waits for. Prefetch loads do not count: the workload
+        # keeps sending requests while they run (measured, torch prefetch on loopback, five
+        # paired runs: median 1.60x native with this rule, 1.72x when every load counted).
         self.on_busy: Callable[[bool], None] | None = None
+        self._urgent_loads = 0
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator["ChunkFetcher"]:
@@ -194,8 +198,10 @@ class ChunkFetcher:
     def _launch(self, digest: Digest, size: int, kind: str) -> _Flight:
         if self._nursery is None:
             raise RuntimeError("ChunkFetcher used outside running()")
-        if not self._inflight and self.on_busy is not None:
-            self.on_busy(True)
+        if kind != PREFETCH:
+            if not self._urgent_loads and self.on_busy is not None:
+                self.on_busy(True)
+            self._urgent_loads += 1
         flight = self._inflight[digest] = _Flight()
         self._nursery.start_soon(self._load, digest, size, kind, flight, name=f"load-{digest[:12]}")
         return flight
@@ -217,8 +223,10 @@ class ChunkFetcher:
         finally:
             del self._inflight[digest]
             flight.done.set()
-            if not self._inflight and self.on_busy is not None:
-                self.on_busy(False)
+            if kind != PREFETCH:
+                self._urgent_loads -= 1
+                if not self._urgent_loads and self.on_busy is not None:
+                    self.on_busy(False)
         if from_store and flight.data is not None and self._writes is not None:
             self._writes.start_soon(self._write_back, digest, flight.data, name=f"cache-{digest[:12]}")
 
