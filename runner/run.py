@@ -143,7 +143,8 @@ class _Job:
 
     def _start_command(self) -> StartCommand:
         """The container's command, environment and directory as far as the image and the options
-        tell them (before users and GPU edits): the provider may guess what to prefetch from it."""
+        tell them (before users and GPU edits): the provider may guess what to prefetch from it,
+        and the spec takes the arguments and directory from it."""
         opts, config = self.options, self.image.config
         args = specgen.compose_args(config.entrypoint, config.cmd, opts.entrypoint, opts.command)
         env = specgen.merge_env(config.env, [], opts.env, os.environ, {"PATH": specgen.DEFAULT_PATH})
@@ -157,10 +158,11 @@ class _Job:
         hostname = opts.hostname or (os.uname().nodename if opts.network == "host" else self.paths.id[-12:])
         self._write_etc_files(self.paths.rootfs, hostname)
         defaults = {"PATH": specgen.DEFAULT_PATH, "HOSTNAME": hostname, "HOME": user.home}
+        start = self.image.start or self._start_command()  # the command, as worked out for the mount
         return specgen.SpecInputs(
-            args=specgen.compose_args(config.entrypoint, config.cmd, opts.entrypoint, opts.command),
+            args=start.argv,
             env=specgen.merge_env(config.env, [edits.env], opts.env, os.environ, defaults),
-            cwd=opts.workdir or config.working_dir or "/", user=user, hostname=hostname,
+            cwd=start.cwd, user=user, hostname=hostname,
             network=opts.network, mounts=opts.mounts,
             memory=opts.memory, cpus=opts.cpus, pids_limit=opts.pids_limit, edits=edits, nofile=_nofile(),
         )
