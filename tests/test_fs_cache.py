@@ -45,6 +45,48 @@ def test_put_get_round_trip_survives_reopen(tmp_path: Path) -> None:
     assert cache.path(d) == tmp_path / "chunks" / d[:2] / d
 
 
+@pytest.mark.parametrize("size", [5, (64 << 10) - 1, 64 << 10, 1 << 20, (3 << 20) + 4097])
+def test_direct_writes_store_exact_content(tmp_path: Path, size: int) -> None:
+    """Chunk files are written with O_DIRECT where possible: aligned head, buffered tail."""
+    cache = HostCache(tmp_path, 10 << 20)
+    data = os.urandom(size)
+    d = digest_of(data)
+    cache.put(d, data)
+    assert cache.direct_writes  # the filesystem under tmp_path takes O_DIRECT
+    assert cache.path(d).read_bytes() == data
+    assert HostCache(tmp_path, 10 << 20).get(d, size) == data
+    assert cache.counters.write_bytes == size and not cache.counters.write_errors
+
+
+def test_direct_writes_fall_back_when_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem (or buffer) O_DIRECT does not take: the chunk is written through the page
+    cache, and O_DIRECT is not tried again."""
+    import mmap
+
+    from imagefs.fs import cache as cache_mod
+
+    misaligned = memoryview(mmap.mmap(-1, cache_mod.DIRECT_BUFFER + 1))[1:]
+    monkeypatch.setattr(cache_mod, "_direct_buffer", lambda: misaligned)  # the kernel says EINVAL
+    cache = HostCache(tmp_path, 10 << 20)
+    data = os.urandom((1 << 20) + 100)
+    d = digest_of(data)
+    cache.put(d, data)
+    assert not cache.direct_writes
+    assert cache.get(d, len(data)) == data
+    monkeypatch.undo()
+    real_fcntl = cache_mod.fcntl.fcntl
+
+    def no_direct(fd: int, cmd: int, arg: int = 0) -> int:
+        if cmd == cache_mod.fcntl.F_SETFL and arg & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        return real_fcntl(fd, cmd, arg)
+
+    monkeypatch.setattr(cache_mod.fcntl, "fcntl", no_direct)
+    other = HostCache(tmp_path / "other", 10 << 20)
+    other.put(d, data)
+    assert not other.direct_writes and other.get(d, len(data)) == data
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "extend"])
 def test_corrupt_file_is_dropped_not_served(tmp_path: Path, damage: str) -> None:
     cache = HostCache(tmp_path, 10 << 20)
@@ -154,14 +196,16 @@ def test_memory_tier_is_a_bounded_lru() -> None:
 
 
 def test_a_chunk_this_process_wrote_is_read_in_part_without_verifying_again(tmp_path: Path) -> None:
-    """What put() wrote was verified content: parts come straight from the page cache (no whole
-    load), and a file put in its place afterwards is not trusted."""
+    """What put() wrote was verified content: parts are read without a whole load (from the
+    page cache once there: put() wrote past it, with O_DIRECT), and a file put in its place
+    afterwards is not trusted."""
     cache = HostCache(tmp_path, 10 << 20)
     d, data = chunk(5)
     cache.put(d, data)
     assert cache.is_verified(d)
-    assert bytes(cache.read_part(d, 1000, 64) or b"") == data[1000:1064]
-    assert cache.counters.hits == 0 and cache.counters.part_reads == 1
+    assert bytes(cache.read_part(d, 1000, 64, wait=True) or b"") == data[1000:1064]
+    assert bytes(cache.read_part(d, 1000, 64) or b"") == data[1000:1064]  # page cache, no wait
+    assert cache.counters.hits == 0 and cache.counters.part_reads == 2
     path = cache.path(d)
     os.unlink(path)
     path.write_bytes(b"y" * len(data))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import re
 import secrets
@@ -38,6 +39,13 @@ LOW_WATER = 0.9
 TOUCH_INTERVAL = 60.0
 STALE_TEMP_AGE = 3600.0
 OPEN_FILES = 64  # verified chunk files kept open for reads of parts
+# Chunk files are written with O_DIRECT (from DIRECT_MIN bytes on): the disk DMAs from a buffer
+# that stays mapped instead of the kernel copying into freshly allocated page-cache folios.
+# Measured on the development VM: 382 MB of chunks took 0.05 s of CPU that way against
+# 0.8-2.3 s through the page cache, as first touches of page-cache memory are slow there.
+DIRECT_ALIGN = 4096
+DIRECT_MIN = 64 << 10
+DIRECT_BUFFER = 1 << 20
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
@@ -81,6 +89,7 @@ class HostCache:
     def __init__(self, root: str | os.PathLike[str], max_bytes: int = DEFAULT_SIZE) -> None:
         self.root = Path(root)
         self.max_bytes = max_bytes
+        self.direct_writes = True  # cleared if the filesystem refuses O_DIRECT
         self.counters = DiskCounters()
         self._chunks = self.root / "chunks"
         self._tmp = self.root / "tmp"
@@ -262,8 +271,9 @@ class HostCache:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            if self.direct_writes and len(view) >= DIRECT_MIN:
+                view = self._write_direct(fd, view)
+            _write_all(fd, view)
             written = _identity(os.fstat(fd))
         except BaseException:
             os.close(fd)
@@ -276,6 +286,37 @@ class HostCache:
             path.parent.mkdir(exist_ok=True)
             os.replace(tmp, path)
         return written
+
+    def _write_direct(self, fd: int, view: memoryview) -> memoryview:
+        """Write the block-aligned head of view with O_DIRECT, through a buffer this thread
+        reuses; the rest (a partial block), or all of it where the filesystem refuses O_DIRECT
+        (then never tried again), is left to a buffered write."""
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+        except OSError:
+            self.direct_writes = False
+            return view
+        try:
+            buf = _direct_buffer()
+            head = len(view) - len(view) % DIRECT_ALIGN
+            done = 0
+            while done < head:
+                n = min(len(buf), head - done)
+                buf[:n] = view[done:done + n]
+                written = os.write(fd, buf[:n])
+                if written != n:  # O_DIRECT writes whole blocks or fail
+                    raise OSError(errno.EIO, f"short direct write ({written} of {n} bytes)")
+                done += n
+        except OSError as e:
+            if e.errno != errno.EINVAL or done:
+                raise
+            self.direct_writes = False  # e.g. a block size this alignment does not meet
+            log.info("host cache: O_DIRECT writes refused in %s; writing through the page cache",
+                     self.root)
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        return view[done:]
 
     def _drop_corrupt(self, path: Path, digest: str, got: int, want: int) -> None:
         log.warning("host cache: dropping corrupt chunk %s (%d bytes, expected %d)", digest, got, want)
@@ -357,6 +398,19 @@ def _identity(st: os.stat_result) -> tuple[int, ...]:
 
 _HASH_BLOCK = 1 << 20
 _scratch = threading.local()
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _direct_buffer() -> memoryview:
+    """This thread's page-aligned buffer for O_DIRECT writes (an anonymous mapping, reused)."""
+    buf = getattr(_scratch, "direct", None)
+    if buf is None:
+        buf = _scratch.direct = memoryview(mmap.mmap(-1, DIRECT_BUFFER))
+    return buf
 
 
 def _hash_file(fd: int, size: int) -> str:
