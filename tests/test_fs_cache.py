@@ -87,6 +87,24 @@ def test_direct_writes_fall_back_when_refused(tmp_path: Path, monkeypatch: pytes
     assert not other.direct_writes and other.get(d, len(data)) == data
 
 
+def test_direct_write_errors_leave_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failing direct write (here: no memory for the buffer) is a counted write error, with no
+    temp file or chunk file left behind; the chunk is simply not cached."""
+    from imagefs.fs import cache as cache_mod
+
+    def no_memory() -> memoryview:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(cache_mod, "_direct_buffer", no_memory)
+    cache = HostCache(tmp_path, 10 << 20)
+    data = os.urandom(1 << 20)
+    d = digest_of(data)
+    cache.put(d, data)
+    assert cache.counters.write_errors == 1 and cache.direct_writes
+    assert cache.get(d, len(data)) is None
+    assert not cache_files(tmp_path) and not list((tmp_path / "tmp").iterdir())
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "extend"])
 def test_corrupt_file_is_dropped_not_served(tmp_path: Path, damage: str) -> None:
     cache = HostCache(tmp_path, 10 << 20)
