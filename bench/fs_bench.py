@@ -21,8 +21,8 @@ had just read (its index, the host-cache files its prefetch checked), which no r
 Read modes (a 1 GiB random file in an image of its own): native file from disk, lazy with an
 empty host cache, lazy from the host cache right after that cold read wrote it ("first": its files
 were written with O_DIRECT, so this read goes to the disk), again with its files now in the page
-cache ("hot"), and with the page cache dropped ("disk"). Everything lives under --work; mounts use a private run directory and are always
-unmounted, also on errors. Per-mode FUSE op counts and in-daemon latencies come from the daemon.
+cache ("hot"), and with the page cache dropped ("disk"). Everything lives under --work; mounts
+use a private run directory and are always unmounted, also on errors. Per-mode FUSE op counts and in-daemon latencies come from the daemon.
 """
 from __future__ import annotations
 

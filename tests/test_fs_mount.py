@@ -16,7 +16,7 @@ from imagefs.fs.errors import MountError
 from imagefs.fs.fuse_ops import POLL_US, PYFUSE3_FEATURES
 from imagefs.images import Ref, set_tag
 from imagefs.store.local import LocalStore
-from tests.fixtures.mount import Mounter, make_python_root, store_image
+from tests.fixtures.mount import Mounter, make_python_root, store_image, takes_o_direct
 from tests.test_fs_ops import make_tree
 from tests.treecmp import diff, snapshot
 
@@ -174,8 +174,11 @@ def test_cli_mount_stats_umount(mounter: Mounter, rich_image: tuple[Path, LocalS
     assert stats.returncode == 0, stats.stderr
     s = json.loads(stats.stdout)
     assert s["fetch"]["disk"]["max_bytes"] == 100 << 20 and s["fuse"]["ops"]["read"]["count"] >= 1
+    direct = takes_o_direct(mounter.base / "clicache")
+    assert s["fetch"]["disk"]["direct_writes"] is direct
     human = coldstart("stats", str(mp))
     assert "host" in human.stdout and "p99 us" in human.stdout
+    assert ("(O_DIRECT writes)" if direct else "(buffered writes)") in human.stdout
     trace = json.loads(coldstart("stats", str(mp), "--trace").stdout)
     assert {"kind": "file", "path": "/etc/passwd"}.items() <= trace[0].items()
     res = coldstart("umount", str(mp))

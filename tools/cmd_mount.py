@@ -109,8 +109,10 @@ def _print_stats(s: dict[str, Any]) -> None:
           f"({human_bytes(m['bytes'])} of {human_bytes(m['max_bytes'])})")
     d = f.get("disk")
     if d:
+        writes = "O_DIRECT" if d.get("direct_writes") else "buffered"
         print(f"host      {d['hits']} hits, {d['misses']} misses, {d['corrupt_dropped']} corrupt dropped, "
-              f"{human_bytes(d['bytes'])} of {human_bytes(d['max_bytes'])} in {d['path']}")
+              f"{human_bytes(d['bytes'])} of {human_bytes(d['max_bytes'])} in {d['path']} "
+              f"({writes} writes)")
     print(f"read      {human_bytes(s['fuse']['read_bytes'])} served, trace {s['trace']['events']} events")
     print(f"{'op':<10}{'count':>9}{'errors':>8}{'p50 us':>9}{'p90 us':>9}{'p99 us':>9}{'max us':>10}")
     for name, o in s["fuse"]["ops"].items():

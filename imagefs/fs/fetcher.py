@@ -343,7 +343,8 @@ class ChunkFetcher:
                          "bytes": self.memory.used_bytes, "max_bytes": self.memory.max_bytes}
         if self.disk is not None:
             doc["disk"] = {**vars(self.disk.counters), "bytes": self.disk.used_bytes,
-                           "max_bytes": self.disk.max_bytes, "path": str(self.disk.root)}
+                           "max_bytes": self.disk.max_bytes, "path": str(self.disk.root),
+                           "direct_writes": self.disk.direct_writes}
         doc["queued"] = {k: len(q) for k, q in self._queues.items()}
         doc["inflight"] = len(self._inflight)
         return doc
