@@ -174,8 +174,8 @@ def test_cli_mount_stats_umount(mounter: Mounter, rich_image: tuple[Path, LocalS
     assert stats.returncode == 0, stats.stderr
     s = json.loads(stats.stdout)
     assert s["fetch"]["disk"]["max_bytes"] == 100 << 20 and s["fuse"]["ops"]["read"]["count"] >= 1
-    direct = takes_o_direct(mounter.base / "clicache")
-    assert s["fetch"]["disk"]["direct_writes"] is direct
+    direct = s["fetch"]["disk"]["direct_writes"]
+    assert direct or not takes_o_direct(mounter.base / "clicache")  # not given up where it works
     human = coldstart("stats", str(mp))
     assert "host" in human.stdout and "p99 us" in human.stdout
     assert ("(O_DIRECT writes)" if direct else "(buffered writes)") in human.stdout
