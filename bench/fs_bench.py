@@ -23,12 +23,18 @@ empty host cache, lazy from the host cache right after that cold read wrote it (
 were written with O_DIRECT, so this read goes to the disk), again with its files now in the page
 cache ("hot"), and with the page cache dropped ("disk"). Everything lives under --work; mounts
 use a private run directory and are always unmounted, also on errors. Per-mode FUSE op counts and in-daemon latencies come from the daemon.
+Each `import torch` run also records the CPU seconds it cost each party: the workload (its
+processes), the mount daemon (all its threads, and the event-loop thread that serves FUSE
+requests alone; from `coldstart stats`) and the loopback S3 server. On a two-CPU machine these
+show why a run took as long as it did: fetching, decoding and serving chunks competes with the
+workload for the same CPUs.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -37,7 +43,7 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from bench.util import cpu_ticks, drop_page_cache, machine, median, write_json
+from bench.util import cpu_ticks, drop_page_cache, machine, median, process_cpu_s, write_json
 
 ROOTFS = Path("/var/cache/coldstart-bench/torch")
 CODE = "import torch"
@@ -47,6 +53,7 @@ TARGETS = {"lazy_cold": ("native_cold", 1.3), "lazy_warm_host": ("native_cold", 
            "lazy_second": ("native_warm", 1.1)}
 TORCH_MODES = ["native_cold", "native_warm", "lazy_cold", "lazy_second", "lazy_warm_host",
                "mount_cold", "mount_warm_host"]
+CPU_KEYS = ["workload_s", "daemon_s", "daemon_loop_s", "store_s"]  # CPU seconds per run, see run_measured
 READ_MODES = ["read_native_disk", "read_lazy_cold", "read_host_first", "read_host_hot", "read_host_disk"]
 
 
@@ -69,8 +76,10 @@ class Tree:
 class Bench:
     """Paths and helpers of one benchmark run."""
 
-    def __init__(self, work: Path, rootfs: Path, code: str, store_url: str, readahead_kb: int = 0) -> None:
+    def __init__(self, work: Path, rootfs: Path, code: str, store_url: str, readahead_kb: int = 0,
+                 store_pid: int | None = None) -> None:
         self.work = work
+        self.store_pid = store_pid  # the loopback S3 server, whose CPU time each run records
         self.readahead_kb = readahead_kb  # 0: the daemon's own setting
         self.rootfs = rootfs
         self.code = code
@@ -132,6 +141,32 @@ class Bench:
         return json.loads(tree.cli("stats", str(self.mnt), "--json"))
 
     # -- workloads -------------------------------------------------------------------------------
+    def run_measured(self, root: Path, tree: Tree | None = None) -> tuple[float, dict[str, float]]:
+        """run_code, plus the CPU seconds it cost: the workload's own, the store server's and,
+        when tree's mount serves root, its daemon's (all threads, and the FUSE event loop)."""
+        before = self._cpu(tree)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        secs = self.run_code(root)
+        after_kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        after = self._cpu(tree)
+        cpu = {k: round(after[k] - before[k], 3) for k in before if k in after}
+        cpu["workload_s"] = round(after_kids.ru_utime + after_kids.ru_stime
+                                  - kids.ru_utime - kids.ru_stime, 3)
+        return secs, cpu
+
+    def _cpu(self, tree: Tree | None) -> dict[str, float]:
+        out: dict[str, float] = {}
+        store = process_cpu_s(self.store_pid) if self.store_pid else None
+        if store is not None:
+            out["store_s"] = store
+        if tree is not None:
+            cpu = self.stats(tree).get("cpu", {})  # trees from before the daemon reported it: none
+            if "process_s" in cpu:
+                out["daemon_s"] = cpu["process_s"]
+            if "loop_s" in cpu:
+                out["daemon_loop_s"] = cpu["loop_s"]
+        return out
+
     def run_code(self, root: Path) -> float:
         """Seconds the code takes in a chroot of root, with the host's /dev bound in."""
         script = f"mount --bind /dev {root}/dev && exec chroot {root} python3 -W ignore -c '{self.code}'"
@@ -182,28 +217,30 @@ def op_counts(stats: dict[str, Any], before: dict[str, Any] | None = None) -> di
 
 
 # -- one repeat of each group ----------------------------------------------------------------------
-Recorder = Callable[[str, float, "dict[str, Any] | None"], None]
+Recorder = Callable[..., None]  # (mode, value, ops or None, cpu=None)
 
 
 def torch_native(b: Bench, rec: Recorder) -> None:
     drop_page_cache()
-    rec("native_cold", b.run_code(b.rootfs), None)
-    rec("native_warm", b.run_code(b.rootfs), None)
+    secs, cpu = b.run_measured(b.rootfs)
+    rec("native_cold", secs, None, cpu=cpu)
+    secs, cpu = b.run_measured(b.rootfs)
+    rec("native_warm", secs, None, cpu=cpu)
 
 
 def torch_lazy(b: Bench, t: Tree, rec: Recorder) -> None:
     b.clear_host_cache()
     drop_page_cache()
     with b.mounted(t, "torch:1", rec, "mount_cold") as mnt:
-        secs = b.run_code(mnt)
+        secs, cpu = b.run_measured(mnt, t)
         first = b.stats(t)
-        rec("lazy_cold", secs, op_counts(first))
-        secs = b.run_code(mnt)
-        rec("lazy_second", secs, op_counts(b.stats(t), first))
+        rec("lazy_cold", secs, op_counts(first), cpu=cpu)
+        secs, cpu = b.run_measured(mnt, t)
+        rec("lazy_second", secs, op_counts(b.stats(t), first), cpu=cpu)
     drop_page_cache()
     with b.mounted(t, "torch:1", rec, "mount_warm_host") as mnt:
-        secs = b.run_code(mnt)
-        rec("lazy_warm_host", secs, op_counts(b.stats(t)))
+        secs, cpu = b.run_measured(mnt, t)
+        rec("lazy_warm_host", secs, op_counts(b.stats(t)), cpu=cpu)
 
 
 def read_native(b: Bench, big_src: Path, rec: Recorder) -> None:
@@ -237,9 +274,13 @@ def summarise(records: list[dict[str, Any]], trees: list[str]) -> dict[str, Any]
             if not vals:
                 continue
             ops = [r["ops"] for r in records if r["tree"] == label and r["mode"] == m and r["ops"]]
+            cpus = [r.get("cpu") or {} for r in records if r["tree"] == label and r["mode"] == m]
+            cpu = {k: round(median([c[k] for c in cpus if k in c]), 2)
+                   for k in CPU_KEYS if any(k in c for c in cpus)}
             modes.setdefault(label, {})[m] = {
                 "median": median(vals), "min": min(vals), "max": max(vals), "runs": len(vals),
-                "unit": "MB/s" if m.startswith("read") else "s", "ops": ops[-1] if ops else {}}
+                "unit": "MB/s" if m.startswith("read") else "s", "ops": ops[-1] if ops else {},
+                "cpu": cpu}
     native = modes.get("native", {})
     ratios = {label: {m: {"vs": base, "ratio": rows[m]["median"] / native[base]["median"], "target": t}
                       for m, (base, t) in TARGETS.items() if m in rows and base in native}
@@ -258,6 +299,12 @@ def table(summary: dict[str, Any]) -> str:
         for m, r in ratios.items():
             ok = "ok" if r["ratio"] <= r["target"] else "MISS"
             lines.append(f"{label:<10}{m} / {r['vs']}: {r['ratio']:.2f}x (target <= {r['target']}x) {ok}")
+    lines += ["", "CPU seconds per run (medians): the workload, the mount daemon (all threads / its FUSE "
+                  "event loop), the S3 server"]
+    for label, rows in summary["modes"].items():
+        for m, r in rows.items():
+            if r.get("cpu"):
+                lines.append(f"{label:<10}{m:<18}" + "".join(f"{k[:-2]:>16} {v:5.2f}" for k, v in r["cpu"].items()))
     for label, rows in summary["modes"].items():
         if label != "native":
             lines += ["", f"{label}: " + ops_table(rows)]
@@ -300,8 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", choices=["s3", "file"], default="s3",
                    help="SeaweedFS S3 on loopback (default), or a directory under --work")
     args = p.parse_args(argv)
-    with store_url(args.store, args.work) as url:
-        b = Bench(args.work, args.rootfs, args.code, url, args.kernel_readahead_kb)
+    with store_url(args.store, args.work) as (url, store_pid):
+        b = Bench(args.work, args.rootfs, args.code, url, args.kernel_readahead_kb, store_pid)
         trees = [b.tree(label, root) for label, root in args.tree or [("this", Path(__file__).parents[1])]]
         start = cpu_ticks()
         records = run(b, trees, args.repeat, args.only)
@@ -319,16 +366,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextmanager
-def store_url(kind: str, work: Path) -> Iterator[str]:
-    """The URL of the store the images live in; for s3 a SeaweedFS server that runs meanwhile
-    (its data stays under work, so the images are imported once)."""
+def store_url(kind: str, work: Path) -> Iterator[tuple[str, int | None]]:
+    """(URL, server PID) of the store the images live in; for s3 a SeaweedFS server that runs
+    meanwhile (its data stays under work, so the images are imported once), else PID None."""
     if kind == "file":
-        yield f"file://{work / 'store'}"
+        yield f"file://{work / 'store'}", None
         return
-    from bench.services import loopback_store
+    from bench.services import loopback_server
 
-    with loopback_store(work / "seaweed", "fsbench") as url:
-        yield url
+    with loopback_server(work / "seaweed") as server:
+        assert server.proc is not None
+        yield server.url_for("fsbench", "images"), server.proc.pid
 
 
 def run(b: Bench, trees: list[Tree], repeat: int, only: str | None) -> list[dict[str, Any]]:
@@ -339,14 +387,17 @@ def run(b: Bench, trees: list[Tree], repeat: int, only: str | None) -> list[dict
     last = [cpu_ticks()]
 
     def recorder(label: str) -> Recorder:
-        def rec(mode: str, value: float, ops: dict[str, Any] | None) -> None:
+        def rec(mode: str, value: float, ops: dict[str, Any] | None,
+                cpu: dict[str, float] | None = None) -> None:
             # steal since the previous record: time this VM's CPUs waited for the host
             now = cpu_ticks()
             steal = now["steal"] - last[0]["steal"]
             last[0] = now
             records.append({"tree": label, "mode": mode, "value": value, "ops": ops or {},
-                            "steal_s": round(steal, 2)})
-            print(f"  {label:<8} {mode:<18} {value:8.2f}   steal {steal:5.2f} s", file=sys.stderr, flush=True)
+                            "steal_s": round(steal, 2), "cpu": cpu or {}})
+            used = "".join(f"  {k[:-2]} {v:.2f}" for k, v in (cpu or {}).items())
+            print(f"  {label:<8} {mode:<18} {value:8.2f}   steal {steal:5.2f} s{used}", file=sys.stderr,
+                  flush=True)
         return rec
 
     big_src = b.big_file_dir() if only != "torch" else None

@@ -47,11 +47,18 @@ def bench_weed() -> str:
 def loopback_store(data_dir: Path, bucket: str) -> Iterator[str]:
     """A store URL on a benchmark's own SeaweedFS S3 server on loopback (data under data_dir),
     running while the context lasts."""
+    with loopback_server(data_dir) as server:
+        yield server.url_for(bucket, "images")
+
+
+@contextmanager
+def loopback_server(data_dir: Path) -> Iterator["SeaweedServer"]:
+    """A benchmark's own SeaweedFS server on loopback (data under data_dir), started and stopped."""
     data_dir.mkdir(parents=True, exist_ok=True)
     server = SeaweedServer(bench_weed(), data_dir)
     server.start()
     try:
-        yield server.url_for(bucket, "images")
+        yield server
     finally:
         server.stop()
 

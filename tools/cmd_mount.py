@@ -114,6 +114,10 @@ def _print_stats(s: dict[str, Any]) -> None:
               f"{human_bytes(d['bytes'])} of {human_bytes(d['max_bytes'])} in {d['path']} "
               f"({writes} writes)")
     print(f"read      {human_bytes(s['fuse']['read_bytes'])} served, trace {s['trace']['events']} events")
+    cpu = s.get("cpu", {})
+    if "process_s" in cpu:
+        loop = f" ({cpu['loop_s']:.2f} s serving FUSE requests)" if "loop_s" in cpu else ""
+        print(f"cpu       {cpu['process_s']:.2f} s{loop}")
     print(f"{'op':<10}{'count':>9}{'errors':>8}{'p50 us':>9}{'p90 us':>9}{'p99 us':>9}{'max us':>10}")
     for name, o in s["fuse"]["ops"].items():
         print(f"{name:<10}{o['count']:>9}{o['errors']:>8}{o['p50_us']:>9}{o['p90_us']:>9}"

@@ -11,8 +11,10 @@ import argparse
 import json
 import logging
 import os
+import resource
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -89,6 +91,7 @@ class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.started = time.time()
+        self._loop_thread: int | None = None  # set by run()
         self.startup = StartupClock()
         self.store = open_store(config.store_url)
         self.index = load_index(self.store, config.image_id, config.cache_dir)  # host copy first
@@ -111,6 +114,7 @@ class Daemon:
         return sum(self.disk.path(d).exists() for d in digests), len(digests)
 
     def run(self, ready: Ready) -> None:
+        self._loop_thread = threading.get_ident()  # the thread that serves FUSE requests
         sys.setswitchinterval(self.config.switch_interval)
         cached, total = self.cached_chunks()
         self.startup.mark("cached_count")
@@ -230,7 +234,19 @@ class Daemon:
                 "ref": self.config.ref, "store": self.config.store_url, "pid": os.getpid(),
                 "uptime_s": round(time.time() - self.started, 3), "fetch": self.fetcher.stats(),
                 "fuse": {**self.ops.metrics.as_dict(), "polling_us": self.polling_us},
-                "trace": {"events": len(self.trace), "truncated": self.trace.truncated}}
+                "trace": {"events": len(self.trace), "truncated": self.trace.truncated},
+                "cpu": self.cpu_times()}
+
+    def cpu_times(self) -> dict[str, float]:
+        """CPU seconds used so far: by the whole daemon (every thread, ended ones too) and by the
+        event-loop thread alone, which serves the FUSE requests (the rest fetched, decoded and
+        wrote chunks)."""
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        doc = {"process_s": round(ru.ru_utime + ru.ru_stime, 3)}
+        if self._loop_thread is not None:
+            clock = time.pthread_getcpuclockid(self._loop_thread)
+            doc["loop_s"] = round(time.clock_gettime(clock), 3)
+        return doc
 
     def _write_state(self) -> None:
         c = self.config

@@ -1,0 +1,43 @@
+"""fs_bench's report: medians of times and of the CPU each party used, ratios against native."""
+from __future__ import annotations
+
+import os
+
+from bench.fs_bench import summarise, table
+from bench.util import process_cpu_s
+
+
+def _rec(tree: str, mode: str, value: float, cpu: dict[str, float] | None = None) -> dict[str, object]:
+    return {"tree": tree, "mode": mode, "value": value, "ops": {}, "steal_s": 0.0, "cpu": cpu or {}}
+
+
+def test_summary_has_cpu_medians_and_ratios() -> None:
+    records = [
+        _rec("native", "native_cold", 2.0, {"workload_s": 1.8, "store_s": 0.0}),
+        _rec("native", "native_cold", 2.2, {"workload_s": 2.0, "store_s": 0.0}),
+        _rec("native", "native_cold", 1.8, {"workload_s": 1.6, "store_s": 0.0}),
+        _rec("this", "lazy_cold", 3.0, {"workload_s": 1.9, "daemon_s": 1.5, "daemon_loop_s": 0.6, "store_s": 0.7}),
+        _rec("this", "lazy_cold", 3.4, {"workload_s": 2.1, "daemon_s": 1.9, "daemon_loop_s": 0.8, "store_s": 0.9}),
+        _rec("this", "lazy_cold", 2.6, {"workload_s": 1.7, "daemon_s": 1.1, "daemon_loop_s": 0.4, "store_s": 0.5}),
+        # a tree whose daemon did not report its CPU yet: no daemon columns, no crash
+        _rec("base", "lazy_cold", 4.0, {"workload_s": 2.0, "store_s": 0.8}),
+    ]
+    s = summarise(records, ["this", "base"])
+    cold = s["modes"]["this"]["lazy_cold"]
+    assert cold["median"] == 3.0 and cold["min"] == 2.6 and cold["max"] == 3.4
+    assert cold["cpu"] == {"workload_s": 1.9, "daemon_s": 1.5, "daemon_loop_s": 0.6, "store_s": 0.7}
+    assert s["modes"]["base"]["lazy_cold"]["cpu"] == {"workload_s": 2.0, "store_s": 0.8}
+    assert s["ratios"]["this"]["lazy_cold"]["ratio"] == 1.5
+    text = table(s)
+    assert "lazy_cold / native_cold: 1.50x (target <= 1.3x) MISS" in text
+    line = next(x for x in text.splitlines() if x.startswith("this") and "daemon_loop" in x)
+    assert line.split()[1:] == ["lazy_cold", "workload", "1.90", "daemon", "1.50", "daemon_loop", "0.60",
+                                "store", "0.70"]
+
+
+def test_process_cpu_of_self_and_of_a_gone_process() -> None:
+    busy = sum(i * i for i in range(300_000))  # some CPU of our own
+    assert busy > 0
+    used = process_cpu_s(os.getpid())
+    assert used is not None and used > 0
+    assert process_cpu_s(2 ** 22 + 12345) is None  # above pid_max's default: no such process
