@@ -41,9 +41,10 @@ import sys
 import time
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator, Protocol
 
-from bench.util import cpu_ticks, drop_page_cache, machine, median, process_cpu_s, write_json
+from bench.util import cpu_ticks, drop_page_cache, machine, median, write_json
+from runner.procs import process_cpu_seconds
 
 ROOTFS = Path("/var/cache/coldstart-bench/torch")
 CODE = "import torch"
@@ -53,8 +54,8 @@ TARGETS = {"lazy_cold": ("native_cold", 1.3), "lazy_warm_host": ("native_cold", 
            "lazy_second": ("native_warm", 1.1)}
 TORCH_MODES = ["native_cold", "native_warm", "lazy_cold", "lazy_second", "lazy_warm_host",
                "mount_cold", "mount_warm_host"]
-CPU_KEYS = ["workload_s", "daemon_s", "daemon_loop_s", "store_s"]  # CPU seconds per run, see run_measured
 READ_MODES = ["read_native_disk", "read_lazy_cold", "read_host_first", "read_host_hot", "read_host_disk"]
+CPU_KEYS = ["workload_s", "daemon_s", "daemon_loop_s", "store_s"]  # CPU seconds per run, see run_measured
 
 
 class Tree:
@@ -156,7 +157,7 @@ class Bench:
 
     def _cpu(self, tree: Tree | None) -> dict[str, float]:
         out: dict[str, float] = {}
-        store = process_cpu_s(self.store_pid) if self.store_pid else None
+        store = process_cpu_seconds(self.store_pid) if self.store_pid else None
         if store is not None:
             out["store_s"] = store
         if tree is not None:
@@ -217,7 +218,9 @@ def op_counts(stats: dict[str, Any], before: dict[str, Any] | None = None) -> di
 
 
 # -- one repeat of each group ----------------------------------------------------------------------
-Recorder = Callable[..., None]  # (mode, value, ops or None, cpu=None)
+class Recorder(Protocol):
+    def __call__(self, mode: str, value: float, ops: dict[str, Any] | None,
+                 cpu: dict[str, float] | None = None) -> None: ...
 
 
 def torch_native(b: Bench, rec: Recorder) -> None:

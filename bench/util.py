@@ -28,15 +28,6 @@ def cpu_ticks() -> dict[str, float]:
             "steal": steal / hz}
 
 
-def process_cpu_s(pid: int) -> float | None:
-    """CPU seconds (user + system, all threads) process pid has used; None once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     t = time.monotonic()
     out = fn()

@@ -9,18 +9,31 @@ _PR_SET_CHILD_SUBREAPER = 36
 _subreaper_set = False
 
 
-def process_start_time(pid: int) -> int | None:
-    """The start time (clock ticks since boot) of a live process, or None if there is none."""
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/PID/stat from the third (the state) on; None if there is no such process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
     # The command name may hold spaces and parentheses: split after the last ')'.
-    fields = stat[stat.rindex(b")") + 2:].split()
-    if fields[0] in (b"Z", b"X"):
+    return stat[stat.rindex(b")") + 2:].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time (clock ticks since boot) of a live process, or None if there is none."""
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] in (b"Z", b"X"):
         return None
     return int(fields[19])
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds (user + system, all its threads) a process has used; None if there is none."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from bench.fs_bench import summarise, table
-from bench.util import process_cpu_s
+from runner.procs import process_cpu_seconds
 
 
 def _rec(tree: str, mode: str, value: float, cpu: dict[str, float] | None = None) -> dict[str, object]:
@@ -38,6 +38,6 @@ def test_summary_has_cpu_medians_and_ratios() -> None:
 def test_process_cpu_of_self_and_of_a_gone_process() -> None:
     busy = sum(i * i for i in range(300_000))  # some CPU of our own
     assert busy > 0
-    used = process_cpu_s(os.getpid())
+    used = process_cpu_seconds(os.getpid())
     assert used is not None and used > 0
-    assert process_cpu_s(2 ** 22 + 12345) is None  # above pid_max's default: no such process
+    assert process_cpu_seconds(2 ** 22 + 12345) is None  # above pid_max's default: no such process
