@@ -176,13 +176,14 @@ def test_cli_mount_stats_umount(mounter: Mounter, rich_image: tuple[Path, LocalS
     assert s["fetch"]["disk"]["max_bytes"] == 100 << 20 and s["fuse"]["ops"]["read"]["count"] >= 1
     direct = s["fetch"]["disk"]["direct_writes"]
     assert direct or not takes_o_direct(mounter.base / "clicache")  # not given up where it works
-    # CPU: the event-loop thread served the requests, worker threads fetched the chunks
+    # CPU: the event-loop thread (which serves the requests) is part of the whole daemon; the
+    # worker threads' share may round away on a small image, so no strict order between the two
     cpu = s["cpu"]
-    assert 0 < cpu["loop_s"] < cpu["process_s"]
+    assert 0 < cpu["loop_s"] <= cpu["process_s"]
     for path in sorted(src.rglob("*"))[:200]:
         os.lstat(mp / path.relative_to(src))
     later = json.loads(coldstart("stats", str(mp), "--json").stdout)["cpu"]
-    assert later["loop_s"] > cpu["loop_s"] and later["process_s"] > cpu["process_s"]
+    assert later["loop_s"] > cpu["loop_s"] and later["process_s"] >= later["loop_s"]
     human = coldstart("stats", str(mp))
     assert "host" in human.stdout and "p99 us" in human.stdout
     assert "s serving FUSE requests)" in human.stdout
