@@ -142,30 +142,33 @@ class Bench:
         return json.loads(tree.cli("stats", str(self.mnt), "--json"))
 
     # -- workloads -------------------------------------------------------------------------------
-    def run_measured(self, root: Path, tree: Tree | None = None) -> tuple[float, dict[str, float]]:
-        """run_code, plus the CPU seconds it cost: the workload's own, the store server's and,
-        when tree's mount serves root, its daemon's (all threads, and the FUSE event loop)."""
-        before = self._cpu(tree)
+    def run_measured(self, root: Path, tree: Tree | None = None
+                     ) -> tuple[float, dict[str, float], dict[str, Any]]:
+        """run_code, plus the CPU seconds it cost (the workload's own, the store server's and,
+        when tree's mount serves root, its daemon's: all threads, and the FUSE event loop) and
+        the mount's stats after it ({} without tree)."""
+        before = self._cpu(self.stats(tree) if tree else {})
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
         secs = self.run_code(root)
         after_kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-        after = self._cpu(tree)
+        stats = self.stats(tree) if tree else {}
+        after = self._cpu(stats)
         cpu = {k: round(after[k] - before[k], 3) for k in before if k in after}
         cpu["workload_s"] = round(after_kids.ru_utime + after_kids.ru_stime
                                   - kids.ru_utime - kids.ru_stime, 3)
-        return secs, cpu
+        return secs, cpu, stats
 
-    def _cpu(self, tree: Tree | None) -> dict[str, float]:
+    def _cpu(self, stats: dict[str, Any]) -> dict[str, float]:
+        """CPU seconds so far of the store server and of the daemon whose stats these are."""
         out: dict[str, float] = {}
         store = process_cpu_seconds(self.store_pid) if self.store_pid else None
         if store is not None:
             out["store_s"] = store
-        if tree is not None:
-            cpu = self.stats(tree).get("cpu", {})  # trees from before the daemon reported it: none
-            if "process_s" in cpu:
-                out["daemon_s"] = cpu["process_s"]
-            if "loop_s" in cpu:
-                out["daemon_loop_s"] = cpu["loop_s"]
+        cpu = stats.get("cpu", {})  # trees from before the daemon reported it: none
+        if "process_s" in cpu:
+            out["daemon_s"] = cpu["process_s"]
+        if "loop_s" in cpu:
+            out["daemon_loop_s"] = cpu["loop_s"]
         return out
 
     def run_code(self, root: Path) -> float:
@@ -225,9 +228,9 @@ class Recorder(Protocol):
 
 def torch_native(b: Bench, rec: Recorder) -> None:
     drop_page_cache()
-    secs, cpu = b.run_measured(b.rootfs)
+    secs, cpu, _ = b.run_measured(b.rootfs)
     rec("native_cold", secs, None, cpu=cpu)
-    secs, cpu = b.run_measured(b.rootfs)
+    secs, cpu, _ = b.run_measured(b.rootfs)
     rec("native_warm", secs, None, cpu=cpu)
 
 
@@ -235,15 +238,14 @@ def torch_lazy(b: Bench, t: Tree, rec: Recorder) -> None:
     b.clear_host_cache()
     drop_page_cache()
     with b.mounted(t, "torch:1", rec, "mount_cold") as mnt:
-        secs, cpu = b.run_measured(mnt, t)
-        first = b.stats(t)
+        secs, cpu, first = b.run_measured(mnt, t)
         rec("lazy_cold", secs, op_counts(first), cpu=cpu)
-        secs, cpu = b.run_measured(mnt, t)
-        rec("lazy_second", secs, op_counts(b.stats(t), first), cpu=cpu)
+        secs, cpu, stats = b.run_measured(mnt, t)
+        rec("lazy_second", secs, op_counts(stats, first), cpu=cpu)
     drop_page_cache()
     with b.mounted(t, "torch:1", rec, "mount_warm_host") as mnt:
-        secs, cpu = b.run_measured(mnt, t)
-        rec("lazy_warm_host", secs, op_counts(b.stats(t)), cpu=cpu)
+        secs, cpu, stats = b.run_measured(mnt, t)
+        rec("lazy_warm_host", secs, op_counts(stats), cpu=cpu)
 
 
 def read_native(b: Bench, big_src: Path, rec: Recorder) -> None:
