@@ -22,6 +22,7 @@ from typing import Any, Iterator
 from imagefs import chunks as blobs
 from imagefs.errors import BlobNotFound, CorruptBlob, ImageFSError, StoreError
 from imagefs.images import list_tags, load_index
+from imagefs.profile import load as profile_load
 from imagefs.store.base import BlobInfo, BlobStore
 
 LEASE_TIMEOUT = 120.0
@@ -172,10 +173,13 @@ def _collect(store: BlobStore, grace: float, dry_run: bool) -> GcReport:
             if not dry_run:
                 store.delete(info.key)
     for info in list(store.list("profiles/")):
-        if info.key[len("profiles/"):] not in profiles and info.mtime <= cutoff:
+        digest = info.key[len("profiles/"):]
+        if digest not in profiles and info.mtime <= cutoff:
             rep.deleted_profiles += 1
             if not dry_run:
                 store.delete(info.key)
+        else:
+            live_chunks |= _safe_segments(store, digest)
     _sweep_chunks(store, live_chunks, cutoff, rep, dry_run)
     _sweep_temp_files(store, cutoff, rep, dry_run)
     return rep
@@ -187,6 +191,23 @@ def _safe_chunks(store: BlobStore, image_id: str) -> set[str]:
     except (CorruptBlob, ImageFSError) as e:
         # An unreadable index keeps nothing alive but is not deleted either: fsck reports it.
         raise StoreError(f"gc stopped: cannot read index {image_id}: {e}") from e
+
+
+def _segments_of(store: BlobStore, profile: str) -> set[str]:
+    """The read-set pack segments (chunk blobs) of a stored profile; a missing profile has none."""
+    try:
+        return {seg.digest for seg in profile_load(store, profile).pack}
+    except CorruptBlob:
+        raise
+    except ImageFSError:  # deleted since it was listed
+        return set()
+
+
+def _safe_segments(store: BlobStore, profile: str) -> set[str]:
+    try:
+        return _segments_of(store, profile)
+    except CorruptBlob as e:
+        raise StoreError(f"gc stopped: cannot read profile {profile}: {e}") from e
 
 
 def _sweep_chunks(store: BlobStore, live: set[str], cutoff: float, rep: GcReport, dry_run: bool) -> None:
@@ -230,7 +251,8 @@ class FsckReport:
 
 
 def fsck(store: BlobStore, *, verify_chunks: bool = False) -> FsckReport:
-    """Every tag names a readable index; every chunk an index names exists (and verifies)."""
+    """Every tag names a readable index; every chunk an index names exists (and verifies); every
+    stored profile is readable and the segments of its read-set pack exist (and verify)."""
     rep = FsckReport()
     stored: dict[str, BlobInfo] = {i.key[len("chunks/"):]: i for i in store.list("chunks/")}
     indexes = {i.key[len("index/"):] for i in store.list("index/")}
@@ -250,6 +272,15 @@ def fsck(store: BlobStore, *, verify_chunks: bool = False) -> FsckReport:
             continue
         referenced |= needed
         rep.errors += [f"image {image_id} needs missing chunk {d}" for d in sorted(needed - stored.keys())]
+    for info in store.list("profiles/"):
+        digest = info.key[len("profiles/"):]
+        try:
+            needed = _segments_of(store, digest)
+        except ImageFSError as e:
+            rep.errors.append(f"profile {digest}: {e}")
+            continue
+        referenced |= needed
+        rep.errors += [f"profile {digest} needs missing pack segment {d}" for d in sorted(needed - stored.keys())]
     rep.orphan_indexes = len(indexes - tagged)
     rep.orphan_chunks = len(stored.keys() - referenced)
     if verify_chunks:

@@ -122,6 +122,38 @@ def test_replay_fetches_in_background_once(tmp_path: Path, mounter) -> None:  # 
     assert s["chunks_fetched"] == len(set(wanted))  # and nothing was fetched twice
 
 
+def test_replay_of_a_read_set_pack_on_a_real_mount(tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    """Record through the kernel (part of /c, all of /a), save with its pack, replay on a fresh
+    mount with an empty host cache: the same reads come from the pack's segments, and less is
+    fetched than the chunks they touch."""
+    store, image_id = _image(tmp_path)
+    url = f"file://{tmp_path}/store"
+
+    def startup(mnt: Path) -> bytes:
+        with open(mnt / "c", "rb") as f:
+            f.seek(3 * MB)
+            part = f.read(2 * MB)
+        return part + (mnt / "a").read_bytes()
+
+    first = mounter.mount(url, image_id, cache_dir=tmp_path / "cache1")
+    want = startup(Path(first.mountpoint))
+    trace = mounts.read_trace(first.mountpoint)
+    mounter.unmount(first)
+    prof = profiles.from_trace(image_id, trace)
+    digest = profiles.save(store, prof, parse_ref("prof:1"))
+    assert prof.pack and 12 * MB <= prof.pack_bytes < prof.bytes
+    info = mounter.mount(url, image_id, profile=digest, cache_dir=tmp_path / "cache2")
+    stats = lambda: mounts.read_stats(info.mountpoint)["fetch"]  # noqa: E731
+    _wait(lambda: stats()["by_kind"]["prefetch"]["chunks"] == len(prof.pack))
+    assert startup(Path(info.mountpoint)) == want
+    s = stats()
+    assert s["by_kind"]["demand"]["chunks"] == 0 and s["by_kind"]["readahead"]["chunks"] == 0
+    assert s["pack_reads"] > 0 and s["pack_dropped"] == 0
+    assert s["raw_bytes_fetched"] == prof.pack_bytes < prof.bytes
+    shown = json.loads(cs(tmp_path, "profile", "show", "prof:1", "--json").stdout)
+    assert shown["pack_segments"] == len(prof.pack) and shown["pack_bytes"] == prof.pack_bytes
+
+
 def test_stale_profile_entries_are_ignored_with_a_warning(tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]
     store, image_id = _image(tmp_path)
     real = _chunks_of(store, image_id, "/a")

@@ -193,11 +193,19 @@ class Daemon:
                  sum(n for _, n in found.chunks), c.guess_argv[:3], len(found.files))
 
     async def _replay_profile(self) -> None:
-        """Queue the profile's chunks for prefetch, in order; demand reads keep priority."""
+        """Queue the profile's read-set pack (else its chunks) for prefetch, in order; demand
+        reads keep priority."""
         try:
             prof = await trio.to_thread.run_sync(profiles.load, self.store, self.config.profile)
         except ImageFSError as e:
             log.warning("no prefetch: %s", e)
+            return
+        if prof.pack:
+            segments = profiles.pack_to_prefetch(prof, self.index, self.config.image_id)
+            self.fetcher.pack.add(segments)
+            self.fetcher.prefetch([(d, n) for d, n, _ in segments])
+            log.info("prefetching the %d-segment read-set pack (%d bytes) of profile %s",
+                     len(segments), prof.pack_bytes, self.config.profile[:12])
             return
         chunks = profiles.chunks_to_prefetch(prof, self.index, self.config.image_id)
         self.fetcher.prefetch(chunks)

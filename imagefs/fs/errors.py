@@ -41,12 +41,15 @@ class AccessDenied(FSError):
 
 
 class ChunkUnavailable(FSError):
-    """A chunk could not be fetched or verified; the read fails with EIO."""
+    """A chunk could not be fetched or verified; the read fails with EIO. lasting: the store
+    answered that it does not have it or has it corrupt (a retry will not help), rather than
+    not answering."""
 
-    def __init__(self, digest: str, reason: str) -> None:
+    def __init__(self, digest: str, reason: str, *, lasting: bool = False) -> None:
         super().__init__(f"chunk {digest} unavailable: {reason}")
         self.digest = digest
         self.reason = reason
+        self.lasting = lasting
 
 
 class MountError(ImageFSError):

@@ -259,7 +259,7 @@ class ImageFS:
             self._opens.pushed.add(ino)
             if self.trace is not None:
                 for p in pieces:
-                    self.trace.chunk(p.chunk, ino, p.file_offset)
+                    self.trace.read(p.chunk, p.offset, p.length, ino, p.file_offset)
         return data
 
     def pieces(self, inode: Inode, offset: int, size: int) -> list[Piece]:
@@ -344,7 +344,7 @@ class ImageFS:
         if self.trace is not None:
             self.trace.file(ino)
             for p in pieces:
-                self.trace.chunk(p.chunk, ino, p.file_offset)
+                self.trace.read(p.chunk, p.offset, p.length, ino, p.file_offset)
         stream = self._streams.get(ino)
         if stream is None:
             stream = self._streams[ino] = ReadStream()

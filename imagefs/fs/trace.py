@@ -1,16 +1,20 @@
-"""The access trace of a mount: which files and chunks were first touched, in order.
+"""The access trace of a mount: which files and chunks were first touched, in order, and which
+byte ranges of each chunk were read.
 
-Recording is a set lookup and, the first time only, a tuple appended to a list, so it stays on.
-Paths and digests are filled in only when the trace is dumped. The trace feeds prefetch profiles.
+Recording is a set lookup and, the first time only, a tuple appended to a list; the ranges read
+of a chunk grow in place while reads go on from where the last one ended. It stays on. Paths and
+digests are filled in only when the trace is dumped. The trace feeds prefetch profiles (the ranges
+their read-set packs: imagefs.profile).
 """
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Iterable
 
 from imagefs.index import ROOT_INO, ImageIndex
 
 DEFAULT_LIMIT = 1_000_000
+SPAN_GAP = 32 * 1024  # ranges of a chunk closer than this are kept as one
 
 FILE = "file"
 CHUNK = "chunk"
@@ -26,6 +30,8 @@ class AccessTrace:
         self._start = clock()
         self._files: set[int] = set()
         self._chunks: set[int] = set()
+        self._spans: dict[int, list[list[int]]] = {}  # chunk -> [start, end) ranges read, in read order
+        self._span_count = 0
         # (nanoseconds since start, kind, inode, chunk number or -1, file offset or -1)
         self.events: list[tuple[int, str, int, int, int]] = []
 
@@ -34,10 +40,27 @@ class AccessTrace:
             self._files.add(ino)
             self._add(FILE, ino, -1, -1)
 
-    def chunk(self, chunk: int, ino: int, file_offset: int) -> None:
-        if chunk not in self._chunks:
+    def read(self, chunk: int, offset: int, length: int, ino: int, file_offset: int) -> None:
+        """length bytes at offset of chunk number chunk were read (as file_offset of inode ino)."""
+        spans = self._spans.get(chunk)
+        if spans is None:
             self._chunks.add(chunk)
             self._add(CHUNK, ino, chunk, file_offset)
+            self._spans[chunk] = [[offset, offset + length]]
+            self._span_count += 1
+            return
+        last, end = spans[-1], offset + length
+        if last[0] <= offset <= last[1] + SPAN_GAP:
+            last[1] = max(last[1], end)
+        elif self._span_count < self.limit:
+            spans.append([offset, end])
+            self._span_count += 1
+        else:
+            self.truncated = True
+
+    def spans(self, chunk: int) -> list[tuple[int, int]]:
+        """The ranges read of a chunk as sorted, merged (offset, length) pairs."""
+        return merge_spans((a, b - a) for a, b in self._spans.get(chunk, ()))
 
     def _add(self, kind: str, ino: int, chunk: int, offset: int) -> None:
         if len(self.events) >= self.limit:
@@ -56,7 +79,8 @@ class AccessTrace:
             doc: dict[str, Any] = {"t": t_ns / 1e9, "kind": kind, "ino": ino,
                                    "path": paths.get(ino, b"").decode("utf-8", "surrogateescape")}
             if kind == CHUNK:
-                doc.update(chunk=index.chunks[chunk], size=index.chunk_sizes[chunk], offset=offset)
+                doc.update(chunk=index.chunks[chunk], size=index.chunk_sizes[chunk], offset=offset,
+                           spans=self.spans(chunk))
             out.append(doc)
         return out
 
@@ -72,3 +96,14 @@ def paths_by_inode(index: ImageIndex, wanted: set[int]) -> dict[int, bytes]:
             if len(found) == len(wanted):
                 break
     return found
+
+
+def merge_spans(spans: Iterable[tuple[int, int]], gap: int = SPAN_GAP) -> list[tuple[int, int]]:
+    """(offset, length) ranges sorted, with overlapping ones and those closer than gap joined."""
+    out: list[list[int]] = []
+    for off, n in sorted(spans):
+        if out and off <= out[-1][1] + gap:
+            out[-1][1] = max(out[-1][1], off + n)
+        else:
+            out.append([off, off + n])
+    return [(a, b - a) for a, b in out]
