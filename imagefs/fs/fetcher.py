@@ -257,6 +257,10 @@ class ChunkFetcher:
             return True
         return self.disk is not None and self.disk.read_into(digest, offset, dst)
 
+    def planned(self, digest: Digest, offset: int, length: int) -> bool:
+        """Whether the read-set pack holds this part of the chunk."""
+        return self.pack.find(digest, offset, length) is not None
+
     async def get_range(self, digest: Digest, size: int, offset: int, length: int) -> Data:
         """Part of a chunk, waiting if need be; a verified host-cache file is read only in part."""
         flight = self._inflight.get(digest)

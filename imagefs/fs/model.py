@@ -53,6 +53,10 @@ class PartSource(ChunkSource, Protocol):
 
     async def get_range(self, digest: Digest, size: int, offset: int, length: int) -> Data: ...
 
+    def planned(self, digest: Digest, offset: int, length: int) -> bool:
+        """Whether this part is on its way without asking (a prefetch plan such as a profile's
+        read-set pack holds it): reading it says nothing about what to read ahead."""
+
 
 @dataclass(frozen=True, slots=True)
 class Attr:
@@ -296,11 +300,16 @@ class ImageFS:
         data = self.source.peek(digest)
         return None if data is None else memoryview(data)[p.offset:p.offset + p.length]
 
+    def _planned(self, p: Piece) -> bool:
+        return self._parts is not None and self._parts.planned(self.index.chunks[p.chunk], p.offset, p.length)
+
     async def _wait_for(self, p: Piece) -> Data:
-        self._load_neighbors(p.chunk)
         digest, size = self.index.chunks[p.chunk], self.index.chunk_sizes[p.chunk]
         if self._parts is not None:
+            if not self._parts.planned(digest, p.offset, p.length):
+                self._load_neighbors(p.chunk)
             return await self._parts.get_range(digest, size, p.offset, p.length)
+        self._load_neighbors(p.chunk)
         return memoryview(await self.source.get(digest, size))[p.offset:p.offset + p.length]
 
     async def _gather(self, pieces: list[Piece]) -> bytearray:
@@ -340,7 +349,8 @@ class ImageFS:
         return True
 
     def _note_read(self, ino: int, node: Inode, pieces: list[Piece], offset: int, size: int) -> None:
-        """Trace first touches and start readahead for sequential readers."""
+        """Trace first touches and start readahead for sequential readers (unless what they read
+        was planned: a recorded start-up read just that much)."""
         if self.trace is not None:
             self.trace.file(ino)
             for p in pieces:
@@ -353,7 +363,7 @@ class ImageFS:
         stream.streak = stream.streak + 1 if sequential else 0
         stream.next_offset = offset + size
         window = self.readahead_policy.window(stream.streak)
-        if window and pieces:
+        if window and pieces and not all(self._planned(p) for p in pieces):
             self._readahead(node, offset + size, window, {p.chunk for p in pieces})
 
     def _readahead(self, inode: Inode, start: int, window: int, skip: set[int]) -> None:
