@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from imagefs import chunks as blobs
 from imagefs.chunks import Digest
 from imagefs.errors import BlobNotFound, CorruptBlob, ImageFSError
+from imagefs.fs.trace import merge_spans
 from imagefs.hostfiles import HostFiles
 from imagefs.images import Ref, update_tag
 from imagefs.index import ImageIndex
@@ -36,6 +37,12 @@ log = logging.getLogger(__name__)
 VERSION = 2  # 2 added the read-set pack; version 1 profiles (no pack) are still read
 PACK_SEGMENT = 4 * 1024 * 1024  # raw bytes per pack segment (one store request each)
 PACK_READERS = 8  # chunks read at once while a pack is built
+# Big ranges are the kernel's readahead and mmap read-around windows, which start a few pages to
+# a few hundred KiB elsewhere from one run to the next (measured: torch's libtorch_cpu.so, 4 KiB to
+# 190 KiB). Ranges of at least PACK_PAD_MIN are widened by PACK_PAD on each side: for
+# `import torch` the pack grows from 144 to 158 MiB and the next start's windows fall inside it.
+PACK_PAD_MIN = 512 * 1024
+PACK_PAD = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -131,10 +138,7 @@ def build_pack(store: BlobStore, profile: Profile, segment: int = PACK_SEGMENT) 
         parts.clear()
 
     for digest, data in _chunk_contents(store, [d for d, _ in profile.chunks if profile.reads.get(d)]):
-        for off, n in profile.reads[digest]:
-            n = min(n, len(data) - off)
-            if off < 0 or n <= 0:
-                continue
+        for off, n in padded(profile.reads[digest], len(data)):
             buf += memoryview(data)[off:off + n]
             parts.append((digest, off, n))
             if len(buf) >= segment:
@@ -142,6 +146,18 @@ def build_pack(store: BlobStore, profile: Profile, segment: int = PACK_SEGMENT) 
     if buf:
         flush()
     return pack
+
+
+def padded(ranges: Iterable[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """The (offset, length) ranges read of a chunk of size bytes, big ones widened (PACK_PAD),
+    clipped to the chunk, merged."""
+    out = []
+    for off, n in ranges:
+        pad = PACK_PAD if n >= PACK_PAD_MIN else 0
+        start, end = max(0, off - pad), min(size, off + n + pad)
+        if end > start:
+            out.append((start, end - start))
+    return merge_spans(out)
 
 
 def _chunk_contents(store: BlobStore, digests: list[str]) -> Iterator[tuple[str, bytes]]:

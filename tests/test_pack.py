@@ -68,6 +68,15 @@ def test_profile_with_pack_round_trip_and_version_1() -> None:
             profiles.Profile.decode(json.dumps({**doc, "pack": bad}).encode(), "x")
 
 
+def test_big_ranges_are_widened_for_the_next_runs_readahead_windows() -> None:
+    pad, big = profiles.PACK_PAD, profiles.PACK_PAD_MIN
+    size = 4 * MB
+    assert profiles.padded([(100, 4096)], size) == [(100, 4096)]  # a small read: as it was
+    assert profiles.padded([(MB, big)], size) == [(MB - pad, big + 2 * pad)]
+    assert profiles.padded([(10, big), (size - big, big)], size) == [(0, big + 10 + pad),
+                                                                    (size - big - pad, big + pad)]
+
+
 def test_pack_map_finds_whole_ranges_only_and_forgets_dropped_segments() -> None:
     pm = PackMap()
     c = Digest("c" * 64)
