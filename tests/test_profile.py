@@ -150,6 +150,10 @@ def test_replay_of_a_read_set_pack_on_a_real_mount(tmp_path: Path, mounter) -> N
     assert s["by_kind"]["demand"]["chunks"] == 0 and s["by_kind"]["readahead"]["chunks"] == 0
     assert s["pack_reads"] > 0 and s["pack_dropped"] == 0
     assert s["raw_bytes_fetched"] == prof.pack_bytes < prof.bytes
+    assert s["pack_segments"] == len(prof.pack)
+    human = subprocess.run([sys.executable, "-m", "tools.cli", "stats", info.mountpoint],
+                           capture_output=True, text=True, timeout=60).stdout  # the mounter's run dir
+    assert f"pack      {len(prof.pack)} read-set segments, {s['pack_reads']} reads" in human
     shown = json.loads(cs(tmp_path, "profile", "show", "prof:1", "--json").stdout)
     assert shown["pack_segments"] == len(prof.pack) and shown["pack_bytes"] == prof.pack_bytes
 

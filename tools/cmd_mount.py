@@ -113,6 +113,9 @@ def _print_stats(s: dict[str, Any]) -> None:
         print(f"host      {d['hits']} hits, {d['misses']} misses, {d['corrupt_dropped']} corrupt dropped, "
               f"{human_bytes(d['bytes'])} of {human_bytes(d['max_bytes'])} in {d['path']} "
               f"({writes} writes)")
+    if f.get("pack_segments") or f.get("pack_dropped"):
+        print(f"pack      {f['pack_segments']} read-set segments, {f['pack_reads']} reads served from them, "
+              f"{f['pack_dropped']} dropped")
     print(f"read      {human_bytes(s['fuse']['read_bytes'])} served, trace {s['trace']['events']} events")
     cpu = s.get("cpu", {})
     if "process_s" in cpu:

@@ -467,6 +467,7 @@ class ChunkFetcher:
             doc["disk"] = {**vars(self.disk.counters), "bytes": self.disk.used_bytes,
                            "max_bytes": self.disk.max_bytes, "path": str(self.disk.root),
                            "direct_writes": self.disk.direct_writes}
+        doc["pack_segments"] = len(self.pack)
         doc["queued"] = {k: len(q) for k, q in self._queues.items()}
         doc["inflight"] = len(self._inflight)
         return doc
