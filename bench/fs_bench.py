@@ -15,6 +15,10 @@ noisy machine (medians over the repeats):
   lazy_warm_host  fresh mount, host cache full (and the first-touch order the earlier mount left
                   there, which the mount prefetches), page cache dropped
   mount_cold, mount_warm_host  seconds `coldstart mount` took before those two (not in them)
+  lazy_prefetch   fresh mount with --prefetch of a tag whose start-up profile (with its read-set
+                  pack) was recorded from a cold lazy run at the start of the benchmark; empty
+                  host cache, page cache dropped; the import starts as soon as the mount is
+                  ready, which is when the profile starts to stream (mount_prefetch: the mount)
 The page cache is dropped before the mount starts, as on a host whose page cache is cold when a
 container starts: dropping it after the mount would also throw away what the fresh mount itself
 had just read (its index, the host-cache files its prefetch checked), which no real start does.
@@ -51,9 +55,10 @@ CODE = "import torch"
 BIG_SIZE = 1 << 30
 READ_BUF = 1 << 20
 TARGETS = {"lazy_cold": ("native_cold", 1.3), "lazy_warm_host": ("native_cold", 1.15),
-           "lazy_second": ("native_warm", 1.1)}
+           "lazy_second": ("native_warm", 1.1), "lazy_prefetch": ("native_cold", 1.15)}
 TORCH_MODES = ["native_cold", "native_warm", "lazy_cold", "lazy_second", "lazy_warm_host",
-               "mount_cold", "mount_warm_host"]
+               "lazy_prefetch", "mount_cold", "mount_warm_host", "mount_prefetch"]
+PROFILE_TAG = "torch:profile"  # the same image as torch:1, with a recorded start-up profile
 READ_MODES = ["read_native_disk", "read_lazy_cold", "read_host_first", "read_host_hot", "read_host_disk"]
 CPU_KEYS = ["workload_s", "daemon_s", "daemon_loop_s", "store_s"]  # CPU seconds per run, see run_measured
 
@@ -114,12 +119,32 @@ class Bench:
     def clear_host_cache(self) -> None:
         shutil.rmtree(self.cache, ignore_errors=True)
 
+    def record_profile(self, tree: Tree, ref: str, tag: str) -> None:
+        """Record the code's start-up profile from a cold lazy run of ref and link it from tag."""
+        from imagefs import profile as profiles
+        from imagefs.images import parse_ref, resolve, set_tag
+        from imagefs.store.factory import open_store
+
+        self.clear_host_cache()
+        drop_page_cache()
+        with self.mounted(tree, ref) as mnt:
+            self.run_code(mnt)
+            trace = json.loads(tree.cli("stats", str(mnt), "--trace"))
+        with open_store(self.store_url) as store:
+            image_id = resolve(store, ref)
+            set_tag(store, parse_ref(tag), image_id)
+            prof = profiles.from_trace(image_id, trace, command=["chroot", "python3", "-c", self.code])
+            profiles.save(store, prof, parse_ref(tag))
+        print(f"profile for {tag}: {len(prof.chunks)} chunks, pack {prof.pack_bytes >> 20} MiB in "
+              f"{len(prof.pack)} segments", file=sys.stderr, flush=True)
+
     @contextmanager
-    def mounted(self, tree: Tree, ref: str, rec: "Recorder | None" = None, mode: str = "") -> Iterator[Path]:
+    def mounted(self, tree: Tree, ref: str, rec: "Recorder | None" = None, mode: str = "",
+                *extra: str) -> Iterator[Path]:
         """The image mounted (rec(mode, seconds) gets how long the mount command took)."""
         try:
             t = time.perf_counter()
-            tree.cli("mount", ref, str(self.mnt), "--store", self.store_url, "--cache", str(self.cache))
+            tree.cli("mount", ref, str(self.mnt), "--store", self.store_url, "--cache", str(self.cache), *extra)
             if rec is not None:
                 rec(mode, time.perf_counter() - t, None)
             if self.readahead_kb:
@@ -142,12 +167,15 @@ class Bench:
         return json.loads(tree.cli("stats", str(self.mnt), "--json"))
 
     # -- workloads -------------------------------------------------------------------------------
-    def run_measured(self, root: Path, tree: Tree | None = None
+    def run_measured(self, root: Path, tree: Tree | None = None, *, since_mount: bool = False
                      ) -> tuple[float, dict[str, float], dict[str, Any]]:
         """run_code, plus the CPU seconds it cost (the workload's own, the store server's and,
         when tree's mount serves root, its daemon's: all threads, and the FUSE event loop) and
-        the mount's stats after it ({} without tree)."""
-        before = self._cpu(self.stats(tree) if tree else {})
+        the mount's stats after it ({} without tree). since_mount: the daemon's CPU counts from
+        its start (its stats are not asked for first: the run starts at once)."""
+        before = self._cpu(self.stats(tree) if tree and not since_mount else {})
+        if since_mount:
+            before.update(daemon_s=0.0, daemon_loop_s=0.0)
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
         secs = self.run_code(root)
         after_kids = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -246,6 +274,14 @@ def torch_lazy(b: Bench, t: Tree, rec: Recorder) -> None:
     with b.mounted(t, "torch:1", rec, "mount_warm_host") as mnt:
         secs, cpu, stats = b.run_measured(mnt, t)
         rec("lazy_warm_host", secs, op_counts(stats), cpu=cpu)
+
+
+def torch_prefetch(b: Bench, t: Tree, rec: Recorder) -> None:
+    b.clear_host_cache()
+    drop_page_cache()
+    with b.mounted(t, PROFILE_TAG, rec, "mount_prefetch", "--prefetch") as mnt:
+        secs, cpu, stats = b.run_measured(mnt, t, since_mount=True)
+        rec("lazy_prefetch", secs, op_counts(stats), cpu=cpu)
 
 
 def read_native(b: Bench, big_src: Path, rec: Recorder) -> None:
@@ -408,6 +444,7 @@ def run(b: Bench, trees: list[Tree], repeat: int, only: str | None) -> list[dict
     big_src = b.big_file_dir() if only != "torch" else None
     if only != "read":
         b.ensure_image(trees[0], b.rootfs, "torch:1")
+        b.record_profile(trees[0], "torch:1", PROFILE_TAG)
     if big_src is not None:
         b.ensure_image(trees[0], big_src, "big:1")
     try:
@@ -421,6 +458,7 @@ def run(b: Bench, trees: list[Tree], repeat: int, only: str | None) -> list[dict
                         torch_native(b, recorder("native"))
                     else:
                         torch_lazy(b, t, recorder(t.label))
+                        torch_prefetch(b, t, recorder(t.label))
             for t in contestants[k:] + contestants[:k]:
                 if big_src is not None:
                     if t is None:

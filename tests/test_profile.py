@@ -156,6 +156,18 @@ def test_replay_of_a_read_set_pack_on_a_real_mount(tmp_path: Path, mounter) -> N
     assert f"pack      {len(prof.pack)} read-set segments, {s['pack_reads']} reads" in human
     shown = json.loads(cs(tmp_path, "profile", "show", "prof:1", "--json").stdout)
     assert shown["pack_segments"] == len(prof.pack) and shown["pack_bytes"] == prof.pack_bytes
+    # The CLI's mount streams the tag's profile when asked to (and says when there is none).
+    mp = mounter.mountpoint()
+    r = cs(tmp_path, "mount", "--prefetch", "--json", "--cache", str(tmp_path / "cache3"), "prof:1", str(mp))
+    try:
+        assert r.returncode == 0 and json.loads(r.stdout)["profile"] == digest, r.stderr
+        _wait(lambda: json.loads(cs(tmp_path, "stats", "--json", str(mp)).stdout)
+              ["fetch"]["by_kind"]["prefetch"]["chunks"] == len(prof.pack))
+    finally:
+        cs(tmp_path, "umount", str(mp))
+    set_tag(store, parse_ref("plain:1"), image_id)
+    r = cs(tmp_path, "mount", "--prefetch", "plain:1", str(mp))
+    assert r.returncode != 0 and "not a tag with a start-up profile" in r.stderr and not mounts.is_mounted(str(mp))
 
 
 def test_stale_profile_entries_are_ignored_with_a_warning(tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]

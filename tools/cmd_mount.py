@@ -23,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--cache-size", metavar="SIZE", type=parse_size,
                    help="host cache budget, e.g. 20G (default 10G)")
     p.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")
+    p.add_argument("--prefetch", action="store_true",
+                   help="stream the tag's start-up profile ahead of demand, as coldstart run does")
     add_json_arg(p)
     p.set_defaults(func=cmd_mount)
     p = sub.add_parser("umount", help="unmount an image mount and stop its daemon")
@@ -39,22 +41,37 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def cmd_mount(args: argparse.Namespace) -> int:
     verbose = int(getattr(args, "verbose", 0))
+    profile = _tag_profile(args) if args.prefetch else ""
     if args.foreground:
         def ready(doc: dict[str, Any]) -> None:
             if doc.get("ok"):
                 print(f"mounted {args.ref} at {args.mountpoint} (pid {doc['pid']})", flush=True)
 
         return mounts.serve_foreground(args.store, args.ref, args.mountpoint, cache_dir=args.cache,
-                                       cache_size=args.cache_size, ready=ready, verbose=verbose)
+                                       cache_size=args.cache_size, ready=ready, verbose=verbose,
+                                       profile=profile)
     info = mounts.mount_image(args.store, args.ref, args.mountpoint, cache_dir=args.cache,
-                              cache_size=args.cache_size, verbose=verbose)
+                              cache_size=args.cache_size, verbose=verbose, profile=profile)
     doc = {"mountpoint": info.mountpoint, "image": info.image_id, "pid": info.pid,
            "cache_dir": info.cache_dir, "cached_chunks": info.cached_chunks,
-           "total_chunks": info.total_chunks, "log": info.log_path}
+           "total_chunks": info.total_chunks, "log": info.log_path, "profile": profile}
     emit(args, doc, lambda: print(
         f"mounted {args.ref} ({info.image_id[:12]}) at {info.mountpoint}, daemon pid {info.pid}, "
-        f"{info.cached_chunks}/{info.total_chunks} chunks already in the host cache"))
+        f"{info.cached_chunks}/{info.total_chunks} chunks already in the host cache"
+        + (f", prefetching profile {profile[:12]}" if profile else "")))
     return 0
+
+
+def _tag_profile(args: argparse.Namespace) -> str:
+    """The start-up profile the tag links (an error if it links none)."""
+    from imagefs.images import tag_profile
+    from imagefs.store.factory import open_store
+
+    with open_store(args.store or mounts.default_store_url()) as store:
+        profile = tag_profile(store, args.ref)
+    if not profile:
+        raise MountError(f"--prefetch: {args.ref} is not a tag with a start-up profile")
+    return profile
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
