@@ -43,6 +43,10 @@ PACK_READERS = 8  # chunks read at once while a pack is built
 # `import torch` the pack grows from 144 to 158 MiB and the next start's windows fall inside it.
 PACK_PAD_MIN = 512 * 1024
 PACK_PAD = 256 * 1024
+# A chunk read for the most part goes into the pack whole: for `import torch`, 97 of 210 chunks
+# have at least 70 % of their bytes in ranges, and taking them whole adds 5 MiB (3 %) to the
+# pack, so that a next start which reads them a little differently still finds every byte.
+PACK_WHOLE = 0.7
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,7 @@ def build_pack(store: BlobStore, profile: Profile, segment: int = PACK_SEGMENT) 
         parts.clear()
 
     for digest, data in _chunk_contents(store, [d for d, _ in profile.chunks if profile.reads.get(d)]):
-        for off, n in padded(profile.reads[digest], len(data)):
+        for off, n in ranges_to_pack(profile.reads[digest], len(data)):
             buf += memoryview(data)[off:off + n]
             parts.append((digest, off, n))
             if len(buf) >= segment:
@@ -148,16 +152,20 @@ def build_pack(store: BlobStore, profile: Profile, segment: int = PACK_SEGMENT) 
     return pack
 
 
-def padded(ranges: Iterable[tuple[int, int]], size: int) -> list[tuple[int, int]]:
-    """The (offset, length) ranges read of a chunk of size bytes, big ones widened (PACK_PAD),
-    clipped to the chunk, merged."""
+def ranges_to_pack(ranges: Iterable[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """What to pack of a chunk of size bytes given the (offset, length) ranges read of it: big
+    ones widened (PACK_PAD), clipped to the chunk, merged; the whole chunk if that is most of
+    it (PACK_WHOLE)."""
     out = []
     for off, n in ranges:
         pad = PACK_PAD if n >= PACK_PAD_MIN else 0
         start, end = max(0, off - pad), min(size, off + n + pad)
         if end > start:
             out.append((start, end - start))
-    return merge_spans(out)
+    merged = merge_spans(out)
+    if merged and sum(n for _, n in merged) >= PACK_WHOLE * size:
+        return [(0, size)]
+    return merged
 
 
 def _chunk_contents(store: BlobStore, digests: list[str]) -> Iterator[tuple[str, bytes]]:
