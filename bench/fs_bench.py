@@ -18,7 +18,9 @@ noisy machine (medians over the repeats):
   lazy_prefetch   fresh mount with --prefetch of a tag whose start-up profile (with its read-set
                   pack) was recorded from a cold lazy run at the start of the benchmark; empty
                   host cache, page cache dropped; the import starts as soon as the mount is
-                  ready, which is when the profile starts to stream (mount_prefetch: the mount)
+                  ready, which is when the profile starts to stream (mount_prefetch: the mount);
+                  the profile is recorded with this checkout's code, and a --tree whose
+                  `coldstart mount` has no --prefetch skips the mode
 The page cache is dropped before the mount starts, as on a host whose page cache is cold when a
 container starts: dropping it after the mount would also throw away what the fresh mount itself
 had just read (its index, the host-cache files its prefetch checked), which no real start does.
@@ -70,6 +72,13 @@ class Tree:
         self.label = label
         self.root = root
         self.env = {**os.environ, "PYTHONPATH": str(root), "COLDSTART_RUN_DIR": str(run_dir)}
+        self._prefetch: bool | None = None
+
+    def can_prefetch(self) -> bool:
+        """Whether this checkout's `coldstart mount` has --prefetch (older ones do not)."""
+        if self._prefetch is None:
+            self._prefetch = "--prefetch" in self.cli("mount", "--help")
+        return self._prefetch
 
     def cli(self, *args: str) -> str:
         res = subprocess.run([sys.executable, "-m", "tools.cli", *args], cwd=self.root, env=self.env,
@@ -119,8 +128,10 @@ class Bench:
     def clear_host_cache(self) -> None:
         shutil.rmtree(self.cache, ignore_errors=True)
 
-    def record_profile(self, tree: Tree, ref: str, tag: str) -> None:
-        """Record the code's start-up profile from a cold lazy run of ref and link it from tag."""
+    def record_profile(self, ref: str, tag: str) -> None:
+        """Record the code's start-up profile from a cold lazy run of ref and link it from tag,
+        with this checkout's code (whose trace has the ranges a read-set pack needs)."""
+        tree = self.tree("recorder", Path(__file__).resolve().parents[1])
         from imagefs import profile as profiles
         from imagefs.images import parse_ref, resolve, set_tag
         from imagefs.store.factory import open_store
@@ -444,7 +455,7 @@ def run(b: Bench, trees: list[Tree], repeat: int, only: str | None) -> list[dict
     big_src = b.big_file_dir() if only != "torch" else None
     if only != "read":
         b.ensure_image(trees[0], b.rootfs, "torch:1")
-        b.record_profile(trees[0], "torch:1", PROFILE_TAG)
+        b.record_profile("torch:1", PROFILE_TAG)
     if big_src is not None:
         b.ensure_image(trees[0], big_src, "big:1")
     try:
@@ -458,7 +469,8 @@ def run(b: Bench, trees: list[Tree], repeat: int, only: str | None) -> list[dict
                         torch_native(b, recorder("native"))
                     else:
                         torch_lazy(b, t, recorder(t.label))
-                        torch_prefetch(b, t, recorder(t.label))
+                        if t.can_prefetch():
+                            torch_prefetch(b, t, recorder(t.label))
             for t in contestants[k:] + contestants[:k]:
                 if big_src is not None:
                     if t is None:

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 from imagefs import chunks as blobs
 from imagefs.errors import BlobNotFound, CorruptBlob, ImageFSError, StoreError
 from imagefs.images import list_tags, load_index
+from imagefs.profile import ProfileNotFound
 from imagefs.profile import load as profile_load
 from imagefs.store.base import BlobInfo, BlobStore
 
@@ -197,16 +198,16 @@ def _segments_of(store: BlobStore, profile: str) -> set[str]:
     """The read-set pack segments (chunk blobs) of a stored profile; a missing profile has none."""
     try:
         return {seg.digest for seg in profile_load(store, profile).pack}
-    except CorruptBlob:
-        raise
-    except ImageFSError:  # deleted since it was listed
+    except ProfileNotFound:  # deleted since it was listed
         return set()
 
 
 def _safe_segments(store: BlobStore, profile: str) -> set[str]:
+    """As _segments_of; a profile that cannot be read (corrupt, or the store failing) stops gc,
+    which would otherwise sweep segments the profile may need."""
     try:
         return _segments_of(store, profile)
-    except CorruptBlob as e:
+    except ImageFSError as e:
         raise StoreError(f"gc stopped: cannot read profile {profile}: {e}") from e
 
 

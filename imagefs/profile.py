@@ -34,7 +34,9 @@ from imagefs.index import ImageIndex
 from imagefs.store.base import BlobStore
 
 log = logging.getLogger(__name__)
-VERSION = 2  # 2 added the read-set pack; version 1 profiles (no pack) are still read
+# The read-set pack is an optional field of version 1: a reader from before packs still takes the
+# chunk list (and replays chunk by chunk); one that knows packs uses the pack.
+VERSION = 1
 PACK_SEGMENT = 4 * 1024 * 1024  # raw bytes per pack segment (one store request each)
 PACK_READERS = 8  # chunks read at once while a pack is built
 # Big ranges are the kernel's readahead and mmap read-around windows, which start a few pages to
@@ -82,14 +84,15 @@ class Profile:
     def decode(cls, data: bytes, digest: str) -> "Profile":
         try:
             doc = json.loads(data)
-            if doc.get("v") not in (1, VERSION):
-                raise ValueError(f"unknown profile version {doc.get('v')}")
+            if not isinstance(doc, dict) or doc.get("v") != VERSION:
+                raise ValueError("not a profile document of version 1")
             chunks = [(str(d), int(n)) for d, n in doc["chunks"]]
             pack = [_decode_segment(s, chunks) for s in doc.get("pack") or ()]
             return cls(str(doc["image"]), chunks, int(doc["files"]), doc.get("ready_s"),
                        list(doc.get("command") or []), float(doc["created"]), pack)
-        except (ValueError, KeyError, TypeError, IndexError) as e:
-            raise CorruptBlob(digest, f"malformed profile: {e}") from None
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError,
+                RecursionError) as e:
+            raise CorruptBlob(digest, f"malformed profile: {type(e).__name__}: {e}") from None
 
     @property
     def bytes(self) -> int:
@@ -104,6 +107,8 @@ def _decode_segment(doc: Any, chunks: list[tuple[str, int]]) -> Segment:
     digest, size, parts = doc
     if not blobs.is_digest(str(digest)):
         raise ValueError(f"bad segment digest {digest!r}")
+    if any(not 0 <= int(i) < len(chunks) for i, _, _ in parts):
+        raise ValueError(f"segment {digest} names a chunk the profile does not list")
     out = tuple((chunks[int(i)][0], int(off), int(n)) for i, off, n in parts)
     if any(off < 0 or n <= 0 for _, off, n in out) or sum(n for _, _, n in out) != int(size):
         raise ValueError(f"segment {digest} has bad parts")
@@ -181,26 +186,35 @@ def _chunk_contents(store: BlobStore, digests: list[str]) -> Iterator[tuple[str,
 def save(store: BlobStore, profile: Profile, ref: Ref | None, *, pack: bool = True) -> Digest:
     """Store the profile blob (after its read-set pack, when it has reads and pack is set), then
     point the tag at it (when a tag names the image). A pack that cannot be built (a chunk
-    missing or corrupt) is left out with a warning: the profile is still worth having."""
-    if pack and profile.reads and not profile.pack:
-        try:
-            profile.pack = build_pack(store, profile)
-        except (ImageFSError, OSError) as e:
-            log.warning("profile saved without a read-set pack: %s", e)
-            profile.pack = []
-    raw = profile.encode()
-    digest = blobs.digest_of(raw)
-    store.put(f"profiles/{digest}", blobs.encode(raw))
-    if ref is not None:
-        update_tag(store, ref, profile=digest)
+    missing or corrupt) is left out with a warning: the profile is still worth having. All of it
+    happens under an import lease, so that gc never sees the new segments before the profile that
+    keeps them."""
+    from imagefs.gc import import_lease  # gc reads profiles, so it is imported here
+
+    with import_lease(store):
+        if pack and profile.reads and not profile.pack:
+            try:
+                profile.pack = build_pack(store, profile)
+            except (ImageFSError, OSError) as e:
+                log.warning("profile saved without a read-set pack: %s", e)
+                profile.pack = []
+        raw = profile.encode()
+        digest = blobs.digest_of(raw)
+        store.put(f"profiles/{digest}", blobs.encode(raw))
+        if ref is not None:
+            update_tag(store, ref, profile=digest)
     return digest
+
+
+class ProfileNotFound(ImageFSError):
+    """The store has no profile blob by that digest."""
 
 
 def load(store: BlobStore, digest: str) -> Profile:
     try:
         return Profile.decode(blobs.decode(store.get(f"profiles/{digest}"), digest), digest)
     except BlobNotFound:
-        raise ImageFSError(f"profile {digest} is missing from the store") from None
+        raise ProfileNotFound(f"profile {digest} is missing from the store") from None
 
 
 PackPart = tuple[Digest, int, int, int]  # (chunk digest, offset in the chunk, length, offset in the segment)
@@ -209,7 +223,8 @@ PackPart = tuple[Digest, int, int, int]  # (chunk digest, offset in the chunk, l
 def pack_to_prefetch(profile: Profile, index: ImageIndex,
                      image_id: str) -> list[tuple[Digest, int, list[PackPart]]]:
     """(segment digest, size, parts) of the pack, each part placed in its segment; parts of
-    chunks this image does not have (or beyond their end) are dropped with one warning."""
+    chunks this image does not have (or beyond their end) are dropped with one warning, and
+    segments left with no part."""
     known = {d: n for d, n in zip(index.chunks, index.chunk_sizes)}
     out: list[tuple[Digest, int, list[PackPart]]] = []
     dropped = 0
@@ -222,7 +237,8 @@ def pack_to_prefetch(profile: Profile, index: ImageIndex,
             else:
                 dropped += 1
             at += n
-        out.append((Digest(seg.digest), seg.size, parts))
+        if parts:  # a segment with nothing of this image is not worth fetching
+            out.append((Digest(seg.digest), seg.size, parts))
     if dropped:
         log.warning("profile pack names %d ranges of chunks that image %s does not have; ignoring them",
                     dropped, image_id)

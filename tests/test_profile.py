@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -23,8 +24,9 @@ MB = 1 << 20
 
 def _image(tmp: Path) -> tuple[LocalStore, str]:
     root = make_busybox_root(tmp / "root")
+    rng = random.Random(3)  # the same chunk boundaries every run
     for name in ("a", "b", "c"):
-        (root / name).write_bytes(os.urandom(10 * MB))  # >= 3 chunks each (max chunk 4 MiB): one is its own
+        (root / name).write_bytes(rng.randbytes(10 * MB))  # >= 3 chunks each (max chunk 4 MiB): one is its own
     store = LocalStore(tmp / "store", fsync=False)
     image_id, _ = write_image(store, import_rootfs(root))
     set_tag(store, parse_ref("prof:1"), image_id)

@@ -200,6 +200,9 @@ class Daemon:
         except ImageFSError as e:
             log.warning("no prefetch: %s", e)
             return
+        except Exception:  # a bug must cost the prefetch, not the mount
+            log.exception("no prefetch: loading profile %s failed", self.config.profile[:12])
+            return
         if prof.pack:
             segments = profiles.pack_to_prefetch(prof, self.index, self.config.image_id)
             self.fetcher.pack.add(segments)

@@ -138,9 +138,6 @@ class PackMap:
     def __len__(self) -> int:
         return len(self._segments)
 
-    def __contains__(self, chunk: object) -> bool:
-        """Whether the pack holds any range of this chunk."""
-        return chunk in self._by_chunk
 
 
 class _Flight:
@@ -285,16 +282,7 @@ class ChunkFetcher:
         lacks or has corrupt is dropped from the pack (None: the caller loads the chunk itself);
         a store that does not answer fails the read as a chunk load would (no second wait)."""
         try:
-            flight = self._inflight.get(seg)
-            if flight is not None:
-                await flight.done.wait()
-                if flight.error is not None:
-                    raise flight.error
-            part = self._peek_blob(seg, offset, length)
-            if part is None and self.disk is not None and self.disk.is_verified(seg):
-                part = await self._part_from_disk(seg, offset, length)
-            if part is None:
-                part = memoryview(await self.get(seg, size))[offset:offset + length]
+            part = await self.get_range(seg, size, offset, length)  # a segment loads as a chunk
         except ChunkUnavailable as e:
             if not e.lasting:
                 raise
@@ -420,10 +408,7 @@ class ChunkFetcher:
 
     # -- background: readahead and prefetch ----------------------------------------------------
     def readahead(self, chunks: Sequence[tuple[Digest, int]]) -> None:
-        """Queue chunks a sequential reader will want next (most urgent first). Chunks that a
-        read-set pack holds ranges of are left out: the pack has what the start-up read of them."""
-        if len(self.pack):
-            chunks = [c for c in chunks if c[0] not in self.pack]
+        """Queue chunks a sequential reader will want next (most urgent first)."""
         self._enqueue(READAHEAD, chunks)
 
     def prefetch(self, chunks: Sequence[tuple[Digest, int]]) -> None:

@@ -290,7 +290,8 @@ class ImageFS:
         last = min(chunk + n, len(self.index.chunks) - 1)
         if last > chunk:
             chunks, sizes = self.index.chunks, self.index.chunk_sizes
-            self.source.readahead([(chunks[c], sizes[c]) for c in range(chunk + 1, last + 1)])
+            self.source.readahead([(chunks[c], sizes[c]) for c in range(chunk + 1, last + 1)
+                                   if not self._planned(Piece(c, 0, sizes[c], -1))])
 
     def _peek(self, p: Piece) -> Data | None:
         """The piece if it can be had without waiting (no copy when it is in memory)."""
@@ -368,8 +369,8 @@ class ImageFS:
 
     def _readahead(self, inode: Inode, start: int, window: int, skip: set[int]) -> None:
         wanted: list[tuple[Digest, int]] = []
-        for chunk, _off, _n, _foff in inode.extents_for(start, window):
-            if chunk not in skip:
+        for chunk, off, n, foff in inode.extents_for(start, window):
+            if chunk not in skip and not self._planned(Piece(chunk, off, n, foff)):
                 skip.add(chunk)
                 wanted.append((self.index.chunks[chunk], self.index.chunk_sizes[chunk]))
         if wanted:

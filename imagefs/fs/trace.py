@@ -15,6 +15,9 @@ from imagefs.index import ROOT_INO, ImageIndex
 
 DEFAULT_LIMIT = 1_000_000
 SPAN_GAP = 32 * 1024  # ranges of a chunk closer than this are kept as one
+# Ranges kept in all (about 150 bytes each): a start-up needs a few hundred (`import torch`: 350);
+# a long-lived random reader would otherwise grow the list for as long as it runs.
+SPAN_LIMIT = 100_000
 
 FILE = "file"
 CHUNK = "chunk"
@@ -23,8 +26,10 @@ CHUNK = "chunk"
 class AccessTrace:
     """First touches of inodes (on open) and chunks (on read), with monotonic timestamps."""
 
-    def __init__(self, limit: int = DEFAULT_LIMIT, clock: Any = time.monotonic_ns) -> None:
+    def __init__(self, limit: int = DEFAULT_LIMIT, clock: Any = time.monotonic_ns,
+                 span_limit: int = SPAN_LIMIT) -> None:
         self.limit = limit
+        self.span_limit = span_limit
         self.truncated = False
         self._clock = clock
         self._start = clock()
@@ -52,7 +57,7 @@ class AccessTrace:
         last, end = spans[-1], offset + length
         if last[0] <= offset <= last[1] + SPAN_GAP:
             last[1] = max(last[1], end)
-        elif self._span_count < self.limit:
+        elif self._span_count < self.span_limit:
             spans.append([offset, end])
             self._span_count += 1
         else:
