@@ -6,6 +6,7 @@ Extents are (chunk number, offset in chunk, length) in file order; chunk numbers
 from __future__ import annotations
 
 import bisect
+import gc
 import stat
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -141,6 +142,11 @@ class ImageIndex:
 
     @classmethod
     def decode(cls, data: bytes, digest: str = "?") -> "ImageIndex":
+        """The index of an encoded one. The cyclic garbage collector is off meanwhile: the tens
+        of thousands of objects a big tree makes would set it off again and again, to find
+        nothing (measured on the 33k-inode torch index: 45 ms with it, 25 ms without)."""
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             doc = msgpack.unpackb(data, raw=False, strict_map_key=False)
             return cls._from_doc(doc)
@@ -148,6 +154,9 @@ class ImageIndex:
             raise
         except Exception as e:  # any malformed structure is corruption, named by its digest
             raise CorruptBlob(digest, f"malformed image index: {e}") from None
+        finally:
+            if collecting:
+                gc.enable()
 
     @classmethod
     def _from_doc(cls, doc: dict[str, Any]) -> "ImageIndex":
