@@ -264,24 +264,19 @@ def fsck(store: BlobStore, *, verify_chunks: bool = False) -> FsckReport:
         tagged.add(doc["image"])
         if doc["image"] not in indexes:
             rep.errors.append(f"tag {ref} names missing image {doc['image']}")
+    profiles = sorted(i.key[len("profiles/"):] for i in store.list("profiles/"))
     referenced: set[str] = set()
-    for image_id in sorted(indexes):
-        try:
-            needed = _chunks_of(store, image_id)
-        except ImageFSError as e:
-            rep.errors.append(f"index {image_id}: {e}")
-            continue
-        referenced |= needed
-        rep.errors += [f"image {image_id} needs missing chunk {d}" for d in sorted(needed - stored.keys())]
-    for info in store.list("profiles/"):
-        digest = info.key[len("profiles/"):]
-        try:
-            needed = _segments_of(store, digest)
-        except ImageFSError as e:
-            rep.errors.append(f"profile {digest}: {e}")
-            continue
-        referenced |= needed
-        rep.errors += [f"profile {digest} needs missing pack segment {d}" for d in sorted(needed - stored.keys())]
+    for kind, owner, blob, names, needs_of in (
+            ("index", "image", "chunk", sorted(indexes), _chunks_of),
+            ("profile", "profile", "pack segment", profiles, _segments_of)):
+        for name in names:
+            try:
+                needed = needs_of(store, name)
+            except ImageFSError as e:
+                rep.errors.append(f"{kind} {name}: {e}")
+                continue
+            referenced |= needed
+            rep.errors += [f"{owner} {name} needs missing {blob} {d}" for d in sorted(needed - stored.keys())]
     rep.orphan_indexes = len(indexes - tagged)
     rep.orphan_chunks = len(stored.keys() - referenced)
     if verify_chunks:
