@@ -141,7 +141,8 @@ def build_pack(store: BlobStore, profile: Profile, segment: int = PACK_SEGMENT) 
 
     def flush() -> None:
         digest = blobs.digest_of(buf)
-        store.put(blobs.chunk_key(digest), blobs.encode(buf))
+        if parts != [(digest, 0, len(buf))]:  # else the segment is a whole chunk, stored already
+            store.put(blobs.chunk_key(digest), blobs.encode(buf))
         pack.append(Segment(digest, len(buf), tuple(parts)))
         buf.clear()
         parts.clear()

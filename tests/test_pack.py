@@ -374,3 +374,30 @@ def test_sequential_reads_past_the_pack_read_ahead(image: tuple[Path, LocalStore
 
     doc = _run(store, index, stream, pack=segments)
     assert doc["by_kind"]["readahead"]["chunks"] > 0
+
+
+def test_a_segment_that_is_one_whole_chunk_is_that_chunk(image: tuple[Path, LocalStore, str]) -> None:
+    """Segments of one part each (segment size 1): a chunk read for the most part is packed
+    whole, so its segment is the chunk itself (same digest, not stored again), and reads of it
+    must not go round in a circle."""
+    src, store, image_id = image
+    index = load_index(store, image_id)
+    trace = AccessTrace()
+
+    async def startup(fs: ImageFS, _f: ChunkFetcher) -> None:
+        for path, off, n in READS:
+            await _read(fs, path, off, n)
+
+    _run(store, index, startup, trace=trace)
+    prof = profiles.from_trace(image_id, trace.dump(index))
+    prof.pack = profiles.build_pack(store, prof, segment=1)
+    selves = [s for s in prof.pack if s.parts == ((s.digest, 0, s.size),)]
+    assert selves and all(s.digest in index.chunks for s in selves)
+    segments = profiles.pack_to_prefetch(prof, index, image_id)
+
+    async def replay(fs: ImageFS, f: ChunkFetcher) -> None:
+        f.pack.add(segments)  # not prefetched: every read loads what it needs
+        for path, off, n in READS:
+            assert await _read(fs, path, off, n) == (src / path).read_bytes()[off:off + n]
+
+    _run(store, index, replay)

@@ -94,7 +94,9 @@ class PackMap:
     def add(self, segments: Iterable[tuple[Digest, int, Sequence[PackPart]]]) -> None:
         touched: set[str] = set()
         for seg, size, parts in segments:
-            self._segments[seg] = list(parts)
+            # A segment that is one whole chunk has that chunk's digest: it is the chunk itself,
+            # found as such, and mapping the chunk onto itself would send its reads in a circle.
+            self._segments[seg] = [p for p in parts if p[0] != seg]
             self._sizes[seg] = size
             touched.update(p[0] for p in parts)
         self._rebuild(touched)
@@ -137,7 +139,6 @@ class PackMap:
 
     def __len__(self) -> int:
         return len(self._segments)
-
 
 
 class _Flight:

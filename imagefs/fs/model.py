@@ -305,12 +305,11 @@ class ImageFS:
         return self._parts is not None and self._parts.planned(self.index.chunks[p.chunk], p.offset, p.length)
 
     async def _wait_for(self, p: Piece) -> Data:
+        if not self._planned(p):
+            self._load_neighbors(p.chunk)
         digest, size = self.index.chunks[p.chunk], self.index.chunk_sizes[p.chunk]
         if self._parts is not None:
-            if not self._parts.planned(digest, p.offset, p.length):
-                self._load_neighbors(p.chunk)
             return await self._parts.get_range(digest, size, p.offset, p.length)
-        self._load_neighbors(p.chunk)
         return memoryview(await self.source.get(digest, size))[p.offset:p.offset + p.length]
 
     async def _gather(self, pieces: list[Piece]) -> bytearray:
