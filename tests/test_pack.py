@@ -143,8 +143,8 @@ async def _read(fs: ImageFS, path: str, offset: int, length: int, step: int = 12
     return bytes(out)
 
 
-def _record(store: LocalStore, image_id: str, **save_kw: Any) -> profiles.Profile:
-    """Profile of a start-up that made READS (through the model, as the daemon would), saved."""
+def _traced(store: LocalStore, image_id: str) -> profiles.Profile:
+    """The unsaved profile of a start-up that made READS (through the model, as the daemon would)."""
     index = load_index(store, image_id)
     trace = AccessTrace()
 
@@ -153,7 +153,12 @@ def _record(store: LocalStore, image_id: str, **save_kw: Any) -> profiles.Profil
             await _read(fs, path, off, n)
 
     _run(store, index, startup, trace=trace)
-    prof = profiles.from_trace(image_id, trace.dump(index))
+    return profiles.from_trace(image_id, trace.dump(index))
+
+
+def _record(store: LocalStore, image_id: str, **save_kw: Any) -> profiles.Profile:
+    """As _traced, saved (with its pack unless pack=False) and linked from pk:1."""
+    prof = _traced(store, image_id)
     profiles.save(store, prof, parse_ref("pk:1"), **save_kw)
     return prof
 
@@ -382,14 +387,7 @@ def test_a_segment_that_is_one_whole_chunk_is_that_chunk(image: tuple[Path, Loca
     must not go round in a circle."""
     src, store, image_id = image
     index = load_index(store, image_id)
-    trace = AccessTrace()
-
-    async def startup(fs: ImageFS, _f: ChunkFetcher) -> None:
-        for path, off, n in READS:
-            await _read(fs, path, off, n)
-
-    _run(store, index, startup, trace=trace)
-    prof = profiles.from_trace(image_id, trace.dump(index))
+    prof = _traced(store, image_id)
     prof.pack = profiles.build_pack(store, prof, segment=1)
     selves = [s for s in prof.pack if s.parts == ((s.digest, 0, s.size),)]
     assert selves and all(s.digest in index.chunks for s in selves)
