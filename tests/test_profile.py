@@ -158,6 +158,13 @@ def test_replay_of_a_read_set_pack_on_a_real_mount(tmp_path: Path, mounter) -> N
     assert f"pack      {len(prof.pack)} read-set segments, {s['pack_reads']} reads" in human
     shown = json.loads(cs(tmp_path, "profile", "show", "prof:1", "--json").stdout)
     assert shown["pack_segments"] == len(prof.pack) and shown["pack_bytes"] == prof.pack_bytes
+    # Reads right after the mount is up (before any prefetch) already know the pack: the daemon
+    # loads the profile while it loads the index. Only segments are fetched.
+    mounter.unmount(info)
+    info = mounter.mount(url, image_id, profile=digest, cache_dir=tmp_path / "cache4")
+    assert startup(Path(info.mountpoint)) == want
+    s = stats()
+    assert s["raw_bytes_fetched"] == prof.pack_bytes and s["pack_dropped"] == 0
     # The CLI's mount streams the tag's profile when asked to (and says when there is none).
     mp = mounter.mountpoint()
     r = cs(tmp_path, "mount", "--prefetch", "--json", "--cache", str(tmp_path / "cache3"), "prof:1", str(mp))

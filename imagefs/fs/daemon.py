@@ -85,6 +85,30 @@ class DaemonConfig:
         return cls(**json.loads(text))
 
 
+PROFILE_WAIT_S = 0.5  # how long a mount may wait for its profile before it reports ready anyway
+
+
+class _Loading:
+    """A call run in a thread of its own: its result, or the exception it raised."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), name="profile-load", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            self.result = fn(*args)
+        except BaseException as e:  # handed to whoever waits
+            self.error = e
+
+    def wait(self, timeout: float | None) -> bool:
+        """Whether it has finished, waiting up to timeout seconds (None: until it has)."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
 class Daemon:
     """One mounted image: the model, the fetcher, the FUSE adapter and the control socket."""
 
@@ -94,6 +118,10 @@ class Daemon:
         self._loop_thread: int | None = None  # set by run()
         self.startup = StartupClock()
         self.store = open_store(config.store_url)
+        # The profile loads while the index does, so that its pack is known before the first read
+        # (a runner reads /etc/passwd of the image a few ms after the mount is ready).
+        self._profile = _Loading(profiles.load, self.store, config.profile) if config.profile else None
+        self._profile_queued = False
         self.index = load_index(self.store, config.image_id, config.cache_dir)  # host copy first
         self.startup.mark("index")
         self.disk = HostCache(config.cache_dir, config.cache_size)
@@ -154,6 +182,8 @@ class Daemon:
                 await trio.to_thread.run_sync(os.stat, self.config.mountpoint)
                 set_kernel_readahead(self.config.mountpoint, self.config.kernel_readahead_kb)
                 self._write_state()
+                if self._profile is not None and await trio.to_thread.run_sync(self._profile.wait, PROFILE_WAIT_S):
+                    self._queue_profile(self._profile)
                 ready({"ok": True, "pid": os.getpid(), "image": self.config.image_id, **info})
                 self.startup.mark("ready")
                 log.info("start-up (ms): %s", self.startup)
@@ -162,8 +192,9 @@ class Daemon:
 
     def _start_prefetch(self, nursery: trio.Nursery) -> None:
         """The recorded profile, else what this host learned, else a guess from the command."""
-        if self.config.profile:
-            nursery.start_soon(self._replay_profile, name="prefetch-profile")
+        if self._profile is not None:
+            if not self._profile_queued:
+                nursery.start_soon(self._replay_profile, name="prefetch-profile")
         elif self.config.learned and self._prefetch_learned():
             return
         elif self.config.guess_argv:
@@ -193,16 +224,24 @@ class Daemon:
                  sum(n for _, n in found.chunks), c.guess_argv[:3], len(found.files))
 
     async def _replay_profile(self) -> None:
+        """Queue the profile once it has loaded (if that took longer than the mount did)."""
+        assert self._profile is not None
+        await trio.to_thread.run_sync(self._profile.wait, None)
+        self._queue_profile(self._profile)
+
+    def _queue_profile(self, loading: "_Loading") -> None:
         """Queue the profile's read-set pack (else its chunks) for prefetch, in order; demand
         reads keep priority."""
-        try:
-            prof = await trio.to_thread.run_sync(profiles.load, self.store, self.config.profile)
-        except ImageFSError as e:
-            log.warning("no prefetch: %s", e)
+        if self._profile_queued:
             return
-        except Exception:  # a bug must cost the prefetch, not the mount
-            log.exception("no prefetch: loading profile %s failed", self.config.profile[:12])
+        self._profile_queued = True
+        if isinstance(loading.error, ImageFSError):
+            log.warning("no prefetch: %s", loading.error)
             return
+        if loading.error is not None:  # a bug must cost the prefetch, not the mount
+            log.error("no prefetch: loading profile %s failed", self.config.profile[:12], exc_info=loading.error)
+            return
+        prof = loading.result
         if prof.pack:
             segments = profiles.pack_to_prefetch(prof, self.index, self.config.image_id)
             self.fetcher.pack.add(segments)
