@@ -367,18 +367,33 @@ def test_gc_stops_rather_than_sweep_the_segments_of_a_profile_it_cannot_read(
 
 
 def test_sequential_reads_past_the_pack_read_ahead(image: tuple[Path, LocalStore, str]) -> None:
+    """A reader that streams a file the start-up read only parts of leaves the pack: the chunks
+    ahead of it are read ahead, also one the pack holds a small part of (b.so at 900 KiB)."""
     src, store, image_id = image
     prof = _record(store, image_id)
     index = load_index(store, image_id)
     segments = profiles.pack_to_prefetch(prof, index, image_id)
+    number, offset, _n, _at = next(index.inode(index.resolve("/lib/b.so")).extents_for(900 * KB, 8 * KB))
+    partial = index.chunks[number]
+    asked: list[str] = []
 
     async def stream(fs: ImageFS, f: ChunkFetcher) -> dict[str, Any]:
-        # c.bin's first MiB is in the pack; reading on to its end leaves the pack
-        assert await _read(fs, "c.bin", 0, 3 * MB) == (src / "c.bin").read_bytes()
+        assert f.planned(partial, offset, 8 * KB) and not f.planned(partial, 0, index.chunk_sizes[number])
+        enqueue = f._enqueue
+
+        def spy(kind: str, chunks: Any) -> None:
+            if kind == "readahead":
+                asked.extend(d for d, _ in chunks)
+            enqueue(kind, chunks)
+
+        f._enqueue = spy  # type: ignore[method-assign]
+        for path in ("lib/b.so", "c.bin"):
+            assert await _read(fs, path, 0, 10 * MB) == (src / path).read_bytes()
         return f.stats()
 
     doc = _run(store, index, stream, pack=segments)
     assert doc["by_kind"]["readahead"]["chunks"] > 0
+    assert partial in asked
 
 
 def test_a_segment_that_is_one_whole_chunk_is_that_chunk(image: tuple[Path, LocalStore, str]) -> None:
