@@ -182,7 +182,8 @@ class Daemon:
                 await trio.to_thread.run_sync(os.stat, self.config.mountpoint)
                 set_kernel_readahead(self.config.mountpoint, self.config.kernel_readahead_kb)
                 self._write_state()
-                if self._profile is not None and await trio.to_thread.run_sync(self._profile.wait, PROFILE_WAIT_S):
+                if self._profile is not None and (self._profile.wait(0) or await trio.to_thread.run_sync(
+                        self._profile.wait, PROFILE_WAIT_S)):  # no thread hop when it is there already
                     self._queue_profile(self._profile)
                 ready({"ok": True, "pid": os.getpid(), "image": self.config.image_id, **info})
                 self.startup.mark("ready")
