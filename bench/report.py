@@ -8,7 +8,7 @@ from typing import Any
 
 from bench.util import median, p90
 
-PHASES = ["pull", "image_resolved", "mount_ready", "rootfs_ready", "runc_create", "runc_start", "ready"]
+PHASES = ["pull", "image_resolved", "mount_ready", "rootfs_ready", "spec_ready", "runc_create", "runc_start", "ready"]
 
 
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -133,6 +133,7 @@ class _Job:
         mount_overlay(lower.path, self.paths.upper, self.paths.work, self.paths.rootfs, volatile=not self.options.keep)
         self.timings.mark("rootfs_ready")
         self._write_spec(lower)
+        self.timings.mark("spec_ready")
         return self._launch(guard, record)
 
     def _write_spec(self, lower: Lower) -> None:

@@ -5,9 +5,10 @@ import json
 import time
 from pathlib import Path
 
-PHASES = ("image_resolved", "mount_ready", "rootfs_ready", "runc_create", "runc_start",
+PHASES = ("image_resolved", "mount_ready", "rootfs_ready", "spec_ready", "runc_create", "runc_start",
           "first_output", "ready", "exit")
 _LABELS = {"image_resolved": "image resolved", "mount_ready": "mount ready", "rootfs_ready": "rootfs ready",
+           "spec_ready": "spec written",
            "runc_create": "runc create", "runc_start": "runc start", "first_output": "first output byte",
            "ready": "ready (regex)", "exit": "exit"}
 

@@ -69,7 +69,7 @@ def test_ready_regex_and_timings(runner_env: RunnerEnv, tmp_path: Path) -> None:
                          ready_regex=r"READY on \d+", timings_json=out, timings=True)
     t = cap.result.timings
     assert cap.result.ready
-    order = ["image_resolved", "mount_ready", "rootfs_ready", "runc_create", "runc_start", "first_output",
+    order = ["image_resolved", "mount_ready", "rootfs_ready", "spec_ready", "runc_create", "runc_start", "first_output",
              "ready", "exit"]
     values = [t[k] for k in order]
     assert all(isinstance(v, float) for v in values), t

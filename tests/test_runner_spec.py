@@ -262,5 +262,5 @@ def test_timings_keys_and_first_mark_wins() -> None:
 
 
 def test_timings_phase_names_are_the_benchmarks() -> None:
-    assert PHASES == ("image_resolved", "mount_ready", "rootfs_ready", "runc_create", "runc_start",
+    assert PHASES == ("image_resolved", "mount_ready", "rootfs_ready", "spec_ready", "runc_create", "runc_start",
                       "first_output", "ready", "exit")
