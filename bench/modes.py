@@ -33,7 +33,6 @@ from runner.imagefs_lower import imagefs_provider, unmount_all
 from runner.lower import DirectoryProvider
 from runner.options import RunOptions
 from runner.run import run
-from runner.shared_mount import SharedMounts
 
 
 @dataclass
@@ -161,7 +160,7 @@ def run_lazy(ctx: Context, w: Workload, image_id: str, mode: str, rep: int, tag:
     opts = _options(ctx, w, tag if prefetch else image_id)
     res = run(opts, provider, stdout=_discard, stderr=_discard)
     rec = _record(w, mode, rep, res)
-    mnt = SharedMounts(ctx.state_dir / "mounts", _noop, _noop).mountpoint(image_id)
+    mnt = provider.mountpoint(image_id)
     try:
         stats = read_stats(mnt)
         rec.bytes_fetched = int(stats["fetch"]["bytes_fetched"])
@@ -186,9 +185,6 @@ def warm_up(ctx: Context, w: Workload, image_id: str) -> None:
     """Fill the warm host cache with everything the workload reads (an untimed run)."""
     run_lazy(ctx, w, image_id, "warm", -1)
 
-
-def _noop(key: str, mnt: Path) -> None:
-    return None
 
 
 def _discard(data: bytes) -> None:

@@ -1,7 +1,9 @@
 """The runner's image source in production: the coldstart store, one shared FUSE mount per image.
 
-Mounts are started on demand under STATE/mounts/<image id>/mnt and shared by every container of
-that image on the host (runner.shared_mount counts holders). With linger=True (coldstart run's
+Mounts are started on demand under STATE/mounts/<image id>.<store and cache>/mnt and shared by
+every container of that image, store and host cache on the host (runner.shared_mount counts
+holders). The store URL and the cache directory are part of the key so that a lingering mount
+started against another store (perhaps one that is gone) or another cache is never handed out. With linger=True (coldstart run's
 default) a mount stays up after its last container exits, so the next container of that image
 finds the kernel's caches warm; `coldstart umount --all` takes lingering mounts down.
 
@@ -10,13 +12,14 @@ where the mount daemon, started for the image ID and not the tag, finds it witho
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from imagefs.fs.cache import default_cache_dir
 from imagefs.fs.mounts import mount_image, unmount
 from imagefs.images import resolve_with_tag
 from imagefs.indexcache import load_config
-from imagefs.store.factory import open_store
+from imagefs.store.factory import default_store_url, open_store
 from runner.lower import ResolvedImage, SharedMountProvider, StartCommand
 from runner.mounts import is_mounted
 from runner.shared_mount import SharedMounts
@@ -46,6 +49,17 @@ class StoreResolver:
         return ResolvedImage(ref, image_id, config)
 
 
+def mount_key(image_id: str, store_url: str | None, cache_dir: str | None) -> str:
+    """The shared-mount key of an image served from store_url through cache_dir (defaults resolved):
+    the image ID, a dot, and 12 hex digits naming the store and the cache."""
+    where = f"{store_url or default_store_url()}\0{Path(cache_dir or default_cache_dir()).absolute()}"
+    return f"{image_id}.{hashlib.sha256(where.encode()).hexdigest()[:12]}"
+
+
+def image_of_key(key: str) -> str:
+    return key.rpartition(".")[0] or key
+
+
 def imagefs_provider(state_dir: Path, store_url: str | None, cache_dir: str | None,
                      cache_size: int | None = None, *, linger: bool = True,
                      prefetch: bool = True, prefetch_workers: int | None = None,
@@ -64,12 +78,13 @@ def imagefs_provider(state_dir: Path, store_url: str | None, cache_dir: str | No
             starts[image.image_id] = image.start
 
     def start(key: str, mnt: Path) -> None:
-        profile = resolver.profiles.get(key, "")
+        image_id = image_of_key(key)
+        profile = resolver.profiles.get(image_id, "")
         hint: dict[str, object] = {}
-        if prefetch and guess and not profile and key in starts:
-            cmd = starts[key]
+        if prefetch and guess and not profile and image_id in starts:
+            cmd = starts[image_id]
             hint = {"guess_argv": cmd.argv, "guess_path": cmd.path, "guess_cwd": cmd.cwd}
-        mount_image(store_url, key, mnt, cache_dir=cache_dir, cache_size=cache_size,
+        mount_image(store_url, image_id, mnt, cache_dir=cache_dir, cache_size=cache_size,
                     profile=profile, learned=prefetch, **tuning, **hint)
 
     def stop(key: str, mnt: Path) -> None:
@@ -77,7 +92,8 @@ def imagefs_provider(state_dir: Path, store_url: str | None, cache_dir: str | No
             unmount(mnt)
 
     mounts = SharedMounts(state_dir / "mounts", start, stop, linger=linger)
-    return SharedMountProvider(resolver, mounts, on_acquire=remember)
+    return SharedMountProvider(resolver, mounts, on_acquire=remember,
+                               key_of=lambda image_id: mount_key(image_id, store_url, cache_dir))
 
 
 def unmount_all(state_dir: Path) -> list[str]:

@@ -88,6 +88,8 @@ class SharedMountsLike(Protocol):
 
     def release(self, key: str, holder_name: str) -> None: ...
 
+    def mountpoint(self, key: str) -> Path: ...
+
 
 class SharedMountProvider:
     """One host-wide mount per image, shared by its containers (see runner.shared_mount.SharedMounts).
@@ -97,10 +99,12 @@ class SharedMountProvider:
     """
 
     def __init__(self, resolver: Callable[[str], ResolvedImage], mounts: SharedMountsLike,
-                 on_acquire: Callable[[ResolvedImage], None] | None = None) -> None:
+                 on_acquire: Callable[[ResolvedImage], None] | None = None,
+                 key_of: Callable[[str], str] | None = None) -> None:
         self._resolve = resolver
         self._mounts = mounts
         self._on_acquire = on_acquire  # sees the image (and its start command) before a mount starts
+        self._key_of = key_of or (lambda image_id: image_id)  # image ID -> shared-mount key
 
     def resolve(self, image_ref: str) -> ResolvedImage:
         return self._resolve(image_ref)
@@ -108,8 +112,12 @@ class SharedMountProvider:
     def acquire(self, image: ResolvedImage, holder: Holder) -> Lower:
         if self._on_acquire is not None:
             self._on_acquire(image)
-        path, cold = self._mounts.acquire(image.image_id, holder)
+        path, cold = self._mounts.acquire(self._key_of(image.image_id), holder)
         return Lower(path, image.config, cold, image.image_id)
 
     def release(self, image_id: str, holder_name: str) -> None:
-        self._mounts.release(image_id, holder_name)
+        self._mounts.release(self._key_of(image_id), holder_name)
+
+    def mountpoint(self, image_id: str) -> Path:
+        """Where the shared mount of image_id is (or would be) mounted."""
+        return self._mounts.mountpoint(self._key_of(image_id))

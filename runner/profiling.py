@@ -21,7 +21,6 @@ from imagefs.store.factory import open_store
 from runner.imagefs_lower import imagefs_provider, unmount_all
 from runner.options import RunOptions
 from runner.run import RunResult, run
-from runner.shared_mount import SharedMounts
 from runner.stream import ReadyWatcher, Sink, fd_sink
 
 
@@ -37,7 +36,7 @@ def record(options: RunOptions, *, stop_at_ready: bool, stdout: Sink | None = No
     state = Path(tempfile.mkdtemp(prefix="record-", dir=_run_root(options)))
     provider = imagefs_provider(state, options.store, options.cache, linger=True, prefetch=False)
     image = provider.resolve(options.image)
-    mnt = SharedMounts(state / "mounts", _noop, _noop).mountpoint(image.image_id)
+    mnt = provider.mountpoint(image.image_id)
     snap: dict[str, object] = {}
     watcher = ReadyWatcher(options.ready_regex)
     done = threading.Event()
@@ -96,6 +95,3 @@ def _rmdir_tree(path: Path) -> None:
     except OSError:
         pass
 
-
-def _noop(key: str, mnt: Path) -> None:
-    return None

@@ -11,6 +11,7 @@ from runner import DirectoryProvider, ImageConfig, ResolvedImage, SharedMountPro
 from runner.lower import Holder, directory_image_id
 from runner.mounts import bind_mount, is_mounted, unmount
 from runner.procs import ProcessRef
+from runner.imagefs_lower import image_of_key, mount_key
 from runner.shared_mount import key_dir_name
 from tests.fixtures.runner import RunnerEnv, busybox_root, needs_runc, runner_env  # noqa: F401
 
@@ -188,3 +189,52 @@ def test_directory_provider_is_never_cold(runner_env: RunnerEnv) -> None:
     result = run(runner_env.options("true"), DirectoryProvider(runner_env.root, ImageConfig()),
                  stdout=lambda b: None, stderr=lambda b: None)
     assert result.timings["mount_cold"] is False
+
+
+def test_mount_key_names_the_store_and_the_cache(tmp_path: Path) -> None:
+    a = mount_key("ab" * 32, "file:///s1", str(tmp_path / "c"))
+    assert a.startswith("ab" * 32 + ".") and image_of_key(a) == "ab" * 32
+    assert a == mount_key("ab" * 32, "file:///s1", str(tmp_path / "c"))
+    assert a != mount_key("ab" * 32, "file:///s2", str(tmp_path / "c"))
+    assert a != mount_key("ab" * 32, "file:///s1", str(tmp_path / "d"))
+    assert key_dir_name(a) == a  # readable, no hashed fallback
+
+
+def test_a_lingering_mount_of_another_store_is_not_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """coldstart run leaves the mount up; a run of the same image from another store (the first one
+    gone) gets its own mount, not the lingering one whose reads would fail."""
+    import os
+    import shutil
+    import sys
+
+    from imagefs.fs import mounts as fs_mounts
+    from imagefs.images import parse_ref, set_tag
+    from imagefs.importers.rootfs import import_rootfs
+    from imagefs.store.local import LocalStore
+    from imagefs.writer import write_image
+    from tests.fixtures.runner import make_busybox_root
+
+    root = make_busybox_root(tmp_path / "root")
+    (root / "data").write_bytes(os.urandom(3_000_000))
+    first = LocalStore(tmp_path / "store1", fsync=False)
+    image_id, _ = write_image(first, import_rootfs(root))
+    set_tag(first, parse_ref("img:1"), image_id)
+    shutil.copytree(tmp_path / "store1", tmp_path / "store2")
+    monkeypatch.setenv("COLDSTART_RUN_DIR", str(tmp_path / "run"))  # here and in the CLI
+
+    def cs(store: str, *args: str) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, COLDSTART_STORE=f"file://{tmp_path / store}", COLDSTART_CACHE=str(tmp_path / "cache"))
+        return subprocess.run([sys.executable, "-m", "tools.cli", *args], capture_output=True, text=True,
+                              env=env, timeout=120)
+    try:
+        r = cs("store1", "run", "img:1", "--", "/bin/true")
+        assert r.returncode == 0, r.stderr
+        shutil.rmtree(tmp_path / "store1")  # the first store goes away; its mount lingers
+        r = cs("store2", "run", "img:1", "--", "/bin/sh", "-c", "md5sum /data")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split()[0] == subprocess.run(["md5sum", str(root / "data")], capture_output=True,
+                                                     text=True).stdout.split()[0]
+        mine = [m for m in fs_mounts.list_mounts() if m.get("image") == image_id]
+        assert len(mine) == 2
+    finally:
+        cs("store2", "umount", "--all")
