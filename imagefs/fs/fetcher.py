@@ -90,6 +90,7 @@ class PackMap:
         self._by_chunk: dict[str, tuple[list[int], list[tuple[int, Digest, int, int]]]] = {}
         self._segments: dict[str, list[PackPart]] = {}
         self._sizes: dict[str, int] = {}
+        self._whole: set[str] = set()  # segments that are one whole chunk: that chunk itself
 
     def add(self, segments: Iterable[tuple[Digest, int, Sequence[PackPart]]]) -> None:
         touched: set[str] = set()
@@ -98,6 +99,8 @@ class PackMap:
             # found as such, and mapping the chunk onto itself would send its reads in a circle.
             self._segments[seg] = [p for p in parts if p[0] != seg]
             self._sizes[seg] = size
+            if len(self._segments[seg]) < len(parts):
+                self._whole.add(seg)
             touched.update(p[0] for p in parts)
         self._rebuild(touched)
 
@@ -107,6 +110,7 @@ class PackMap:
         if parts is None:
             return False
         del self._sizes[seg]
+        self._whole.discard(seg)
         self._rebuild({p[0] for p in parts})
         return True
 
@@ -136,6 +140,10 @@ class PackMap:
         if offset + length > end:
             return None
         return seg, size, at + offset - starts[i]
+
+    def planned(self, chunk: str, offset: int, length: int) -> bool:
+        """Whether the pack brings these bytes: a segment holds them, or the chunk is a segment."""
+        return chunk in self._whole or self.find(chunk, offset, length) is not None
 
     def __len__(self) -> int:
         return len(self._segments)
@@ -257,7 +265,7 @@ class ChunkFetcher:
 
     def planned(self, digest: Digest, offset: int, length: int) -> bool:
         """Whether the read-set pack holds this part of the chunk."""
-        return self.pack.find(digest, offset, length) is not None
+        return self.pack.planned(digest, offset, length)
 
     async def get_range(self, digest: Digest, size: int, offset: int, length: int) -> Data:
         """Part of a chunk, waiting if need be; a verified host-cache file is read only in part."""
