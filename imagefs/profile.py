@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 # chunk list (and replays chunk by chunk); one that knows packs uses the pack.
 VERSION = 1
 PACK_SEGMENT = 4 * 1024 * 1024  # raw bytes per pack segment (one store request each)
+# The first segment is small and each next one twice as big, up to PACK_SEGMENT: what a start reads
+# first (the runner's /etc/passwd, the interpreter) arrives after one small request, not after
+# the first four 4 MiB segments that the prefetch workers fetch at once.
+PACK_FIRST = 256 * 1024
 PACK_READERS = 8  # chunks read at once while a pack is built
 # Big ranges are the kernel's readahead and mmap read-around windows, which start a few pages to
 # a few hundred KiB elsewhere from one run to the next (measured: torch's libtorch_cpu.so, 4 KiB to
@@ -132,9 +136,11 @@ def from_trace(image_id: str, events: Iterable[dict[str, Any]], *, until: float 
     return Profile(image_id, chunks, files, ready_s, command or [], reads=reads)
 
 
-def build_pack(store: BlobStore, profile: Profile, segment: int = PACK_SEGMENT) -> list[Segment]:
+def build_pack(store: BlobStore, profile: Profile, segment: int = PACK_SEGMENT,
+               first: int = PACK_FIRST) -> list[Segment]:
     """Copy the ranges the profile read of its chunks, in first-touch order, into segments
-    stored as chunk blobs; the segments in order. Chunks come from the store, verified."""
+    stored as chunk blobs; the segments in order. Chunks come from the store, verified.
+    Segments grow from first bytes, doubling, to segment bytes (each may overshoot by a part)."""
     pack: list[Segment] = []
     buf = bytearray()
     parts: list[tuple[str, int, int]] = []
@@ -151,7 +157,7 @@ def build_pack(store: BlobStore, profile: Profile, segment: int = PACK_SEGMENT) 
         for off, n in ranges_to_pack(profile.reads[digest], len(data)):
             buf += memoryview(data)[off:off + n]
             parts.append((digest, off, n))
-            if len(buf) >= segment:
+            if len(buf) >= min(segment, first << min(len(pack), 32)):
                 flush()
     if buf:
         flush()

@@ -96,6 +96,11 @@ def test_pack_map_finds_whole_ranges_only_and_forgets_dropped_segments() -> None
     assert pm.find(c, 1000, 100) is None and pm.find(c, 0, 50) == (s2, 50, 0)
     pm.drop(s2)
     assert pm.find(c, 0, 50) is None and len(pm) == 0
+    assert pm.planned(c, 0, 1) is False
+    pm.add([(c, 70, [(c, 0, 70, 0)])])  # a segment that is the whole chunk c
+    assert pm.find(c, 0, 10) is None and pm.planned(c, 0, 70) and pm.planned(c, 60, 10)
+    pm.drop(c)
+    assert not pm.planned(c, 0, 70)
 
 
 # -- on a store, no kernel ---------------------------------------------------------------------
@@ -234,13 +239,14 @@ def test_a_bad_segment_is_dropped_and_its_chunks_load_whole(image: tuple[Path, L
                                                             caplog: pytest.LogCaptureFixture) -> None:
     src, store, image_id = image
     prof = _record(store, image_id, pack=True)
-    assert len(prof.pack) == 1
     index = load_index(store, image_id)
     segments = profiles.pack_to_prefetch(prof, index, image_id)
-    key = blobs.chunk_key(prof.pack[0].digest)
-    blob = bytearray(store.get(key))
-    blob[-1] ^= 0x55
-    store.put(key, bytes(blob))
+    keys = [blobs.chunk_key(seg.digest) for seg in prof.pack]
+    assert len(keys) > 1
+    for key in keys:
+        blob = bytearray(store.get(key))
+        blob[-1] ^= 0x55
+        store.put(key, bytes(blob))
 
     async def replay(fs: ImageFS, f: ChunkFetcher) -> dict[str, Any]:
         for path, off, n in READS:
@@ -248,12 +254,13 @@ def test_a_bad_segment_is_dropped_and_its_chunks_load_whole(image: tuple[Path, L
         return f.stats()
 
     doc = _run(store, index, replay, pack=segments)
-    assert doc["pack_dropped"] == 1 and doc["pack_reads"] == 0
+    assert doc["pack_dropped"] == len(keys) and doc["pack_reads"] == 0
     assert doc["by_kind"]["demand"]["chunks"] > 0
     assert "its chunks load whole" in caplog.text
-    store.delete(key)  # missing altogether: the same
+    for key in keys:
+        store.delete(key)  # missing altogether: the same
     doc = _run(store, index, replay, pack=segments)
-    assert doc["pack_dropped"] == 1 and doc["pack_reads"] == 0
+    assert doc["pack_dropped"] == len(keys) and doc["pack_reads"] == 0
 
 
 def test_pack_parts_of_chunks_the_image_lacks_are_ignored(image: tuple[Path, LocalStore, str],
@@ -396,6 +403,20 @@ def test_sequential_reads_past_the_pack_read_ahead(image: tuple[Path, LocalStore
     assert partial in asked
 
 
+def test_segments_start_small_and_double(image: tuple[Path, LocalStore, str]) -> None:
+    """What a start reads first comes in a small segment; each next segment is twice as big (until
+    the cap), and only by the last part it takes does one overshoot its size."""
+    _src, store, image_id = image
+    prof = _traced(store, image_id)
+    pack = profiles.build_pack(store, prof, segment=256 * KB, first=32 * KB)
+    assert len(pack) >= 4
+    for i, seg in enumerate(pack[:-1]):
+        want = min(256 * KB, (32 * KB) << i)
+        assert seg.size >= want and seg.size - seg.parts[-1][2] < want, (i, seg.size)
+    assert pack[0].size < 32 * KB + 128 * KB  # one 128 KiB read's range at most past the target
+    assert sum(s.size for s in pack) == sum(s.size for s in profiles.build_pack(store, prof))
+
+
 def test_a_segment_that_is_one_whole_chunk_is_that_chunk(image: tuple[Path, LocalStore, str]) -> None:
     """Segments of one part each (segment size 1): a chunk read for the most part is packed
     whole, so its segment is the chunk itself (same digest, not stored again), and reads of it
@@ -408,9 +429,12 @@ def test_a_segment_that_is_one_whole_chunk_is_that_chunk(image: tuple[Path, Loca
     assert selves and all(s.digest in index.chunks for s in selves)
     segments = profiles.pack_to_prefetch(prof, index, image_id)
 
-    async def replay(fs: ImageFS, f: ChunkFetcher) -> None:
+    async def replay(fs: ImageFS, f: ChunkFetcher) -> dict[str, Any]:
         f.pack.add(segments)  # not prefetched: every read loads what it needs
         for path, off, n in READS:
             assert await _read(fs, path, off, n) == (src / path).read_bytes()[off:off + n]
+        return f.stats()
 
-    _run(store, index, replay)
+    doc = _run(store, index, replay)
+    # Such a chunk is planned like any part of the pack: reading it reads nothing else ahead.
+    assert doc["by_kind"]["readahead"]["chunks"] == 0, doc["by_kind"]
