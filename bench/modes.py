@@ -186,6 +186,5 @@ def warm_up(ctx: Context, w: Workload, image_id: str) -> None:
     run_lazy(ctx, w, image_id, "warm", -1)
 
 
-
 def _discard(data: bytes) -> None:
     return None
