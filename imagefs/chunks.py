@@ -42,10 +42,13 @@ def is_digest(text: str) -> bool:
     return bool(_HEX64.fullmatch(text))
 
 
-def _compressor() -> zstandard.ZstdCompressor:
-    c = getattr(_local, "cctx", None)
+def _compressor(level: int = ZSTD_LEVEL) -> zstandard.ZstdCompressor:
+    cache = getattr(_local, "cctx", None)
+    if cache is None:
+        cache = _local.cctx = {}
+    c = cache.get(level)
     if c is None:
-        c = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        c = cache[level] = zstandard.ZstdCompressor(level=level)
     return c
 
 
@@ -56,10 +59,10 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-def encode(data: bytes | memoryview) -> bytes:
-    """Header + payload; zstd only where it makes the blob smaller."""
+def encode(data: bytes | memoryview, level: int = ZSTD_LEVEL) -> bytes:
+    """Header + payload; zstd (at level) only where it makes the blob smaller."""
     raw = bytes(data)
-    packed = _compressor().compress(raw)
+    packed = _compressor(level).compress(raw)
     if len(packed) < len(raw):
         return HEADER.pack(MAGIC, VERSION, CODEC_ZSTD, 0, len(raw), len(packed)) + packed
     return HEADER.pack(MAGIC, VERSION, CODEC_RAW, 0, len(raw), len(raw)) + raw

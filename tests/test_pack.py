@@ -180,8 +180,11 @@ def test_pack_holds_the_bytes_read_in_first_touch_order(image: tuple[Path, Local
     order = [d for d, _ in prof.chunks]
     seen: list[str] = []
     for seg in prof.pack:
-        raw = blobs.decode(store.get(blobs.chunk_key(seg.digest)), seg.digest)  # verifies blake3
+        blob = store.get(blobs.chunk_key(seg.digest))
+        raw = blobs.decode(blob, seg.digest)  # verifies blake3
         assert raw == b"".join(content[d][off:off + n] for d, off, n in seg.parts) and len(raw) == seg.size
+        if seg.parts != ((seg.digest, 0, seg.size),):  # a segment of its own, at the pack's zstd level
+            assert blob == blobs.encode(raw, profiles.PACK_LEVEL)
         for d, _, _ in seg.parts:
             if d not in seen:
                 seen.append(d)
