@@ -3,9 +3,10 @@
 Mounts are started on demand under STATE/mounts/<image id>.<store and cache>/mnt and shared by
 every container of that image, store and host cache on the host (runner.shared_mount counts
 holders). The store URL and the cache directory are part of the key so that a lingering mount
-started against another store (perhaps one that is gone) or another cache is never handed out. With linger=True (coldstart run's
-default) a mount stays up after its last container exits, so the next container of that image
-finds the kernel's caches warm; `coldstart umount --all` takes lingering mounts down.
+started against another store (perhaps one that is gone) or another cache is never handed out.
+With linger=True (coldstart run's default) a mount stays up after its last container exits, so
+the next container of that image finds the kernel's caches warm; `coldstart umount --all` takes
+lingering mounts down.
 
 The resolver reads a tag once and keeps the image's index in the host cache (imagefs.indexcache),
 where the mount daemon, started for the image ID and not the tag, finds it without a request.
