@@ -7,9 +7,9 @@ again replaces the link: a profile describes one start-up, and merging start-ups
 commands would make every mount prefetch the union of what any of them ever touched.
 
 A recorded profile also carries a read-set pack: the byte ranges the start-up actually read of
-each chunk (the access trace's spans), copied in first-touch order into segments of about
-PACK_SEGMENT bytes, each stored as a chunk blob of its own (chunks/<digest>: zstd, verified by
-blake3 like any chunk). Replay fetches the segments instead of the whole chunks, so it moves,
+each chunk (the access trace's spans), copied in first-touch order into segments growing from
+PACK_FIRST to PACK_SEGMENT bytes, each stored as a chunk blob of its own (chunks/<digest>: zstd at
+PACK_LEVEL, verified by blake3 like any chunk). Replay fetches the segments instead of the whole chunks, so it moves,
 decodes and caches what the start-up reads rather than every chunk it touched (about half, for
 `import torch`); a read outside the pack's ranges loads its chunk as usual. gc keeps the segments
 of every profile it keeps.
@@ -40,7 +40,9 @@ VERSION = 1
 PACK_SEGMENT = 4 * 1024 * 1024  # raw bytes per pack segment (one store request each)
 # The first segment is small and each next one twice as big, up to PACK_SEGMENT: what a start reads
 # first (the runner's /etc/passwd, the interpreter) arrives after one small request, not after
-# the first four 4 MiB segments that the prefetch workers fetch at once.
+# the first four 4 MiB segments that the prefetch workers fetch at once. A segment closes after
+# the part that takes it past its size, and a chunk read for the most part is one whole part, so
+# an early segment is often one chunk (about 1 MiB), and then that chunk itself.
 PACK_FIRST = 256 * 1024
 # Segments are written once, when a profile is saved, and read at every cold start of the image,
 # so they take a slower zstd level than chunks (which an import writes once and may never read).

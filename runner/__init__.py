@@ -1,7 +1,8 @@
 """Container runner: OCI spec generation, runc lifecycle, shared image mounts, GPU injection.
 
 The CLI calls add_run_arguments() / options_from_args() / run(); the image filesystem plugs in through
-LowerProvider (SharedMountProvider + SharedMounts give one reference-counted mount per image per host).
+LowerProvider (SharedMountProvider + SharedMounts give one reference-counted mount per image, store
+and host cache per host).
 """
 from runner.config import ImageConfig, ImageConfigLike
 from runner.container import cleanup_stale

@@ -1,4 +1,5 @@
-"""The runner's image source in production: the coldstart store, one shared FUSE mount per image.
+"""The runner's image source in production: the coldstart store, one shared FUSE mount per image
+(and store and host cache).
 
 Mounts are started on demand under STATE/mounts/<image id>.<store and cache>/mnt and shared by
 every container of that image, store and host cache on the host (runner.shared_mount counts
@@ -14,7 +15,9 @@ where the mount daemon, started for the image ID and not the tag, finds it witho
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 from imagefs.fs.cache import default_cache_dir
 from imagefs.fs.mounts import mount_image, unmount
@@ -53,8 +56,17 @@ class StoreResolver:
 def mount_key(image_id: str, store_url: str | None, cache_dir: str | None) -> str:
     """The shared-mount key of an image served from store_url through cache_dir (defaults resolved):
     the image ID, a dot, and 12 hex digits naming the store and the cache."""
-    where = f"{store_url or default_store_url()}\0{Path(cache_dir or default_cache_dir()).absolute()}"
+    where = f"{_store_identity(store_url or default_store_url())}\0{os.path.abspath(cache_dir or default_cache_dir())}"
     return f"{image_id}.{hashlib.sha256(where.encode()).hexdigest()[:12]}"
+
+
+def _store_identity(url: str) -> str:
+    """A local store's URL as file:// and an absolute path (a plain path, file:///s and file:///s/
+    are one store, as imagefs.store.factory.open_store reads them); any other URL as given."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "file"):
+        return "file://" + os.path.abspath(parsed.path if parsed.scheme else url)
+    return url
 
 
 def image_of_key(key: str) -> str:

@@ -90,12 +90,17 @@ class SharedMountsLike(Protocol):
 
     def mountpoint(self, key: str) -> Path: ...
 
+    def holders(self, key: str) -> list[str]: ...
+
+    def key_holding(self, holder_name: str) -> str | None: ...
+
 
 class SharedMountProvider:
-    """One host-wide mount per image, shared by its containers (see runner.shared_mount.SharedMounts).
+    """One host-wide mount per key, shared by its containers (see runner.shared_mount.SharedMounts).
 
     `resolver` maps a reference to a ResolvedImage (the image index); `mounts` starts and stops the
-    per-image mount (the FUSE filesystem) and counts holders.
+    mount of each key (the FUSE filesystem) and counts holders. `key_of` maps an image ID to its key:
+    the image ID itself unless given (coldstart's store folds in the store and the host cache).
     """
 
     def __init__(self, resolver: Callable[[str], ResolvedImage], mounts: SharedMountsLike,
@@ -116,7 +121,12 @@ class SharedMountProvider:
         return Lower(path, image.config, cold, image.image_id)
 
     def release(self, image_id: str, holder_name: str) -> None:
-        self._mounts.release(self._key_of(image_id), holder_name)
+        """Release holder_name where it is registered: a stale container found by another run may
+        have held a mount under another key (another store or cache, or an older key format)."""
+        key = self._key_of(image_id)
+        if holder_name not in self._mounts.holders(key):
+            key = self._mounts.key_holding(holder_name) or key
+        self._mounts.release(key, holder_name)
 
     def mountpoint(self, image_id: str) -> Path:
         """Where the shared mount of image_id is (or would be) mounted."""

@@ -1,9 +1,11 @@
-"""Host-wide bookkeeping for one shared mount per image, counted by live holders across processes.
+"""Host-wide bookkeeping for one shared mount per key, counted by live holders across processes.
 
-Layout under `root`, per key (an image ID made safe for a file name):
+Layout under `root`, per key (an image ID, or for coldstart's store the image ID with the store and
+cache folded in, made safe for a file name):
 
     <key>/lock           flock'd around every change; kept forever (removing it would race)
-    <key>/key            the key itself (the image ID), for collect()
+    <key>/key            the key itself (the image ID, for coldstart's store with the store and
+                         cache folded in: runner.imagefs_lower.mount_key), for collect()
     <key>/mnt            the mount point
     <key>/started        present from start() until stop(): stop() is owed even if the mount vanished
     <key>/holders/<name> JSON list of [pid, start_time] of the processes that keep the holder alive
@@ -98,6 +100,17 @@ class SharedMounts:
                 if self._stop_if_unused(key, kdir):
                     stopped.append(key)
         return stopped
+
+    def key_holding(self, holder_name: str) -> str | None:
+        """The key under which holder_name is registered, if any (found by looking, not computed:
+        the holder may have been registered by another process under another key)."""
+        if not self.root.is_dir() or holder_name.startswith(".") or "/" in holder_name:
+            return None
+        for base in sorted(self.root.iterdir()):
+            if (base / "holders" / holder_name).exists():
+                key_file = base / "key"
+                return key_file.read_text() if key_file.exists() else base.name
+        return None
 
     def holders(self, key: str) -> list[str]:
         hdir = self.root / key_dir_name(key) / "holders"

@@ -244,12 +244,12 @@ def test_a_bad_segment_is_dropped_and_its_chunks_load_whole(image: tuple[Path, L
     prof = _record(store, image_id, pack=True)
     index = load_index(store, image_id)
     segments = profiles.pack_to_prefetch(prof, index, image_id)
-    keys = [blobs.chunk_key(seg.digest) for seg in prof.pack]
-    assert len(keys) > 1
-    for key in keys:
-        blob = bytearray(store.get(key))
-        blob[-1] ^= 0x55
-        store.put(key, bytes(blob))
+    bad = next(seg for seg in prof.pack if seg.parts != ((seg.digest, 0, seg.size),))  # not a chunk itself
+    assert len(prof.pack) > 1
+    key = blobs.chunk_key(bad.digest)
+    blob = bytearray(store.get(key))
+    blob[-1] ^= 0x55
+    store.put(key, bytes(blob))
 
     async def replay(fs: ImageFS, f: ChunkFetcher) -> dict[str, Any]:
         for path, off, n in READS:
@@ -257,13 +257,13 @@ def test_a_bad_segment_is_dropped_and_its_chunks_load_whole(image: tuple[Path, L
         return f.stats()
 
     doc = _run(store, index, replay, pack=segments)
-    assert doc["pack_dropped"] == len(keys) and doc["pack_reads"] == 0
+    # Only that segment is given up: the others still serve their parts.
+    assert doc["pack_dropped"] == 1 and doc["pack_reads"] > 0
     assert doc["by_kind"]["demand"]["chunks"] > 0
     assert "its chunks load whole" in caplog.text
-    for key in keys:
-        store.delete(key)  # missing altogether: the same
+    store.delete(key)  # missing altogether: the same
     doc = _run(store, index, replay, pack=segments)
-    assert doc["pack_dropped"] == len(keys) and doc["pack_reads"] == 0
+    assert doc["pack_dropped"] == 1 and doc["pack_reads"] > 0
 
 
 def test_pack_parts_of_chunks_the_image_lacks_are_ignored(image: tuple[Path, LocalStore, str],
@@ -416,8 +416,6 @@ def test_segments_start_small_and_double(image: tuple[Path, LocalStore, str]) ->
     for i, seg in enumerate(pack[:-1]):
         want = min(256 * KB, (32 * KB) << i)
         assert seg.size >= want and seg.size - seg.parts[-1][2] < want, (i, seg.size)
-    assert pack[0].size < 32 * KB + 128 * KB  # one 128 KiB read's range at most past the target
-    assert sum(s.size for s in pack) == sum(s.size for s in profiles.build_pack(store, prof))
 
 
 def test_a_segment_that_is_one_whole_chunk_is_that_chunk(image: tuple[Path, LocalStore, str]) -> None:

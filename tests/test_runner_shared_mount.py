@@ -11,7 +11,6 @@ from runner import DirectoryProvider, ImageConfig, ResolvedImage, SharedMountPro
 from runner.lower import Holder, directory_image_id
 from runner.mounts import bind_mount, is_mounted, unmount
 from runner.procs import ProcessRef
-from runner.imagefs_lower import image_of_key, mount_key
 from runner.shared_mount import key_dir_name
 from tests.fixtures.runner import RunnerEnv, busybox_root, needs_runc, runner_env  # noqa: F401
 
@@ -191,13 +190,20 @@ def test_directory_provider_is_never_cold(runner_env: RunnerEnv) -> None:
     assert result.timings["mount_cold"] is False
 
 
-def test_mount_key_names_the_store_and_the_cache(tmp_path: Path) -> None:
-    a = mount_key("ab" * 32, "file:///s1", str(tmp_path / "c"))
-    assert a.startswith("ab" * 32 + ".") and image_of_key(a) == "ab" * 32
-    assert a == mount_key("ab" * 32, "file:///s1", str(tmp_path / "c"))
-    assert a != mount_key("ab" * 32, "file:///s2", str(tmp_path / "c"))
-    assert a != mount_key("ab" * 32, "file:///s1", str(tmp_path / "d"))
-    assert key_dir_name(a) == a  # readable, no hashed fallback
+def test_release_finds_a_holder_registered_under_another_key(tmp_path: Path, fs: FakeFs) -> None:
+    """A later run's stale-container cleanup releases by image ID with its own store and cache; a
+    holder the dead container registered under another key (another store, an older key format) is
+    found where it is, and its mount stopped."""
+    shared = SharedMounts(tmp_path / "m", fs.start, fs.stop)
+    image = ResolvedImage("x:1", "img", ImageConfig())
+    first = SharedMountProvider(lambda ref: image, shared, key_of=lambda i: i + ".aaaa")
+    other = SharedMountProvider(lambda ref: image, shared, key_of=lambda i: i + ".bbbb")
+    first.acquire(image, Holder("c1", (ProcessRef.current(),)))
+    assert shared.key_holding("c1") == "img.aaaa" and shared.key_holding("c2") is None
+    other.release("img", "c1")
+    assert shared.holders("img.aaaa") == [] and not is_mounted(shared.mountpoint("img.aaaa"))
+    assert fs.calls == ["start img.aaaa", "stop img.aaaa"]
+    other.release("img", "c1")  # idempotent
 
 
 def test_a_lingering_mount_of_another_store_is_not_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -236,5 +242,8 @@ def test_a_lingering_mount_of_another_store_is_not_reused(tmp_path: Path, monkey
                                                      text=True).stdout.split()[0]
         mine = [m for m in fs_mounts.list_mounts() if m.get("image") == image_id]
         assert len(mine) == 2
+        r = cs("store2", "run", "img:1", "--", "/bin/true")  # the same store again: its mount is reused
+        assert r.returncode == 0, r.stderr
+        assert len([m for m in fs_mounts.list_mounts() if m.get("image") == image_id]) == 2
     finally:
         cs("store2", "umount", "--all")

@@ -8,6 +8,8 @@ import pytest
 
 import runner
 from runner.edits import BindMount, DeviceNode, SpecEdits
+from runner.imagefs_lower import image_of_key, mount_key
+from runner.shared_mount import key_dir_name
 from runner.errors import UsageError, UserNotFound
 from runner.options import MountSpec, RunOptions, add_run_arguments, options_from_args, parse_size
 from runner.spec import DEFAULT_CAPS, SpecInputs, build_spec, compose_args, merge_env
@@ -264,3 +266,18 @@ def test_timings_keys_and_first_mark_wins() -> None:
 def test_timings_phase_names_are_the_benchmarks() -> None:
     assert PHASES == ("image_resolved", "mount_ready", "rootfs_ready", "spec_ready", "runc_create", "runc_start",
                       "first_output", "ready", "exit")
+
+
+def test_mount_key_names_the_store_and_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image = "ab" * 32
+    a = mount_key(image, "file:///s1", str(tmp_path / "c"))
+    assert a.startswith(image + ".") and image_of_key(a) == image and image_of_key(image) == image
+    assert a == mount_key(image, "file:///s1/", str(tmp_path / "c")) == mount_key(image, "/s1", str(tmp_path / "c"))
+    assert a != mount_key(image, "file:///s2", str(tmp_path / "c"))
+    assert a != mount_key(image, "file:///s1", str(tmp_path / "d"))
+    assert mount_key(image, "s3://b/p?endpoint=http://127.0.0.1:1", None) != mount_key(
+        image, "s3://b/p?endpoint=http://127.0.0.1:2", None)
+    assert key_dir_name(a) == a  # readable, no hashed fallback
+    monkeypatch.setenv("COLDSTART_STORE", "file:///s1")
+    monkeypatch.setenv("COLDSTART_CACHE", str(tmp_path / "c"))
+    assert mount_key(image, None, None) == a  # the defaults, resolved
