@@ -199,11 +199,16 @@ def test_release_finds_a_holder_registered_under_another_key(tmp_path: Path, fs:
     first = SharedMountProvider(lambda ref: image, shared, key_of=lambda i: i + ".aaaa")
     other = SharedMountProvider(lambda ref: image, shared, key_of=lambda i: i + ".bbbb")
     first.acquire(image, Holder("c1", (ProcessRef.current(),)))
-    assert shared.key_holding("c1") == "img.aaaa" and shared.key_holding("c2") is None
-    other.release("img", "c1")
-    assert shared.holders("img.aaaa") == [] and not is_mounted(shared.mountpoint("img.aaaa"))
-    assert fs.calls == ["start img.aaaa", "stop img.aaaa"]
-    other.release("img", "c1")  # idempotent
+    mnt = shared.mountpoint("img.aaaa")
+    try:
+        assert shared.key_holding("c1") == "img.aaaa" and shared.key_holding("c2") is None
+        other.release("img", "c1")
+        assert shared.holders("img.aaaa") == [] and not is_mounted(mnt)
+        assert fs.calls == ["start img.aaaa", "stop img.aaaa"]
+        other.release("img", "c1")  # idempotent
+    finally:
+        if is_mounted(mnt):
+            unmount(mnt)
 
 
 def test_a_lingering_mount_of_another_store_is_not_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
