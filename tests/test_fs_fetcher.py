@@ -266,34 +266,37 @@ def test_on_busy_brackets_loads(store: ProbeStore) -> None:
     assert [busy for busy, _gets in calls] == [True, False, True, False]
 
 
-def test_prefetched_chunks_reach_the_host_cache_once_reads_pause(store: ProbeStore, tmp_path: Path) -> None:
-    """Prefetch write-backs wait while reads go on; a pause in reads, or the end of the mount,
-    writes them. Demand loads are written at once."""
-    chunks = put_chunks(store, 4)
+def test_chunks_reach_the_host_cache_once_reads_pause(store: ProbeStore, tmp_path: Path) -> None:
+    """Host-cache write-backs wait while reads go on, at most as many bytes as the memory tier may
+    hold (meanwhile the chunks are served from the held copy, even once the memory tier has let
+    them go); a pause in reads, a full hold, or the end of the mount writes them."""
+    chunks = put_chunks(store, 6)
     disk = HostCache(tmp_path / "cache")
-    limits = FetchLimits(write_quiet_s=0.3)
-    fetcher = ChunkFetcher(store, disk, MemoryCache(), limits)
+    fetcher = ChunkFetcher(store, disk, MemoryCache(max_bytes=3 * 50_000), FetchLimits(write_quiet_s=0.3))
     on_disk = lambda: {d for d, _ in chunks if disk.path(d).exists()}  # noqa: E731
 
     async def go(f: ChunkFetcher) -> None:
-        f.prefetch([(d, len(c)) for d, c in chunks[:3]])
+        f.prefetch([(d, len(c)) for d, c in chunks[:2]])
         while f.pending(PREFETCH) or f._inflight:
             f.peek(chunks[0][0])  # a reader keeps reading
             await trio.sleep(0.02)
+        assert await f.get(chunks[2][0], len(chunks[2][1])) == chunks[2][1]  # a demand load
         for _ in range(10):  # still reading: nothing written yet
             f.peek(chunks[0][0])
             await trio.sleep(0.02)
         assert on_disk() == set() and f.stats()["deferred_writes"] == 3
-        assert await f.get(chunks[3][0], len(chunks[3][1])) == chunks[3][1]  # demand: written at once
-        await trio.sleep(0.05)
-        assert on_disk() == {chunks[3][0]}
+        assert await f.get(chunks[3][0], len(chunks[3][1])) == chunks[3][1]  # the hold is full
+        await trio.sleep(0.1)
+        assert on_disk() == {chunks[3][0]} and f.stats()["deferred_writes"] == 3
+        assert any(d not in f.memory for d, _ in chunks[:3])  # the memory tier let one go...
+        gets = len(store.gets)
+        for d, c in chunks[:3]:
+            assert await f.get(d, len(c)) == c
+        assert len(store.gets) == gets  # ...and it was served from the held copy
         await trio.sleep(0.8)  # reads pause
-        assert on_disk() == {d for d, _ in chunks} and f.stats()["deferred_writes"] == 0
-        f.prefetch([(d, len(c)) for d, c in put_chunks(store, 6)[4:]])
-        while f.pending(PREFETCH) or f._inflight:
-            await trio.sleep(0.01)
-        f.peek(chunks[0][0])
+        assert on_disk() == {d for d, _ in chunks[:4]} and f.stats()["deferred_writes"] == 0
+        for d, c in chunks[4:]:
+            await f.get(d, len(c))
 
     run(fetcher, go)
-    assert len(on_disk()) == 4
-    assert all(disk.path(d).exists() for d, _ in put_chunks(store, 6)[4:])  # written at unmount
+    assert on_disk() == {d for d, _ in chunks}  # the last ones written at unmount

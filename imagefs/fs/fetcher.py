@@ -48,10 +48,13 @@ class FetchLimits:
     disk: int = 8  # concurrent host-cache reads
     writers: int = 2  # concurrent host-cache writes
     drain_timeout: float = 10.0  # seconds pending host-cache writes may take at shutdown
-    # Prefetched chunks go to the host cache once reads have paused for write_quiet_s (or after
-    # write_delay_max_s, at unmount, or past deferred_max bytes): written while the start-up
-    # streams, they slowed it. Torch with a profile, loopback, eight interleaved rounds: 2.04 s
-    # (median of the pairs 1.16x native) deferred, 2.23 s (1.29x) written at once.
+    # Chunks from the store go to the host cache once reads have paused for write_quiet_s (or
+    # after write_delay_max_s, at unmount, or past deferred_max bytes held, never more than the
+    # memory tier's size): written while a start-up reads, they slowed it. Torch on loopback,
+    # interleaved rounds, deferred against
+    # written at once: with a profile (prefetch only deferred; 8 rounds) 2.04 s against 2.23 s,
+    # median of the per-round ratios 1.16x against 1.29x native; cold (everything deferred; 12
+    # rounds) 3.50-3.58 s against 3.99-4.19 s, about 1.96x against 2.2x.
     write_quiet_s: float = 1.0
     write_delay_max_s: float = 30.0
     deferred_max: int = 256 * 1024 * 1024
@@ -193,8 +196,9 @@ class ChunkFetcher:
         self.on_busy: Callable[[bool], None] | None = None
         self._urgent_loads = 0
         self.pack = PackMap()
-        self._deferred: list[tuple[Digest, bytes]] = []  # prefetched, not yet in the host cache
+        self._deferred: dict[Digest, bytes] = {}  # loaded from the store, not yet in the host cache
         self._deferred_bytes = 0
+        self._deferred_max = min(limits.deferred_max, memory.max_bytes)  # no more than memory may hold
         self._deferred_since = 0.0
         self._last_read = 0.0  # time.monotonic() of the last read asked of this fetcher
 
@@ -225,7 +229,12 @@ class ChunkFetcher:
     def peek(self, digest: Digest) -> bytes | None:
         """The content if the memory tier has it (a miss here is counted by the get that follows)."""
         self._last_read = time.monotonic()
-        return self.memory.get(digest, count_miss=False)
+        return self._held(digest)
+
+    def _held(self, digest: Digest, count_miss: bool = False) -> bytes | None:
+        """The content if this process holds it: the memory tier, or a write-back not yet done."""
+        data = self.memory.get(digest, count_miss=count_miss)
+        return self._deferred.get(digest) if data is None else data
 
     def peek_range(self, digest: Digest, offset: int, length: int) -> Data | None:
         """Part of a chunk if it is at hand: in memory, or in the page cache as a verified file
@@ -238,7 +247,7 @@ class ChunkFetcher:
         return part
 
     def _peek_blob(self, digest: Digest, offset: int, length: int) -> Data | None:
-        data = self.memory.get(digest, count_miss=False)
+        data = self._held(digest)
         if data is not None:
             return memoryview(data)[offset:offset + length]
         if self.disk is not None:
@@ -248,7 +257,7 @@ class ChunkFetcher:
     async def get(self, digest: Digest, size: int) -> bytes:
         """The verified content of a chunk; ChunkUnavailable if it cannot be had."""
         self._last_read = time.monotonic()
-        data = self.memory.get(digest)
+        data = self._held(digest, count_miss=True)
         if data is not None:
             return data
         flight = self._inflight.get(digest)
@@ -275,7 +284,7 @@ class ChunkFetcher:
         return False
 
     def _peek_blob_into(self, digest: Digest, offset: int, dst: memoryview) -> bool:
-        data = self.memory.get(digest, count_miss=False)
+        data = self._held(digest)
         if data is not None:
             dst[:] = memoryview(data)[offset:offset + len(dst)]
             return True
@@ -362,10 +371,10 @@ class ChunkFetcher:
                 if not self._urgent_loads and self.on_busy is not None:
                     self.on_busy(False)
         if from_store and flight.data is not None and self._writes is not None:
-            if kind == PREFETCH and self._deferred_bytes + len(flight.data) <= self.limits.deferred_max:
+            if self._deferred_bytes + len(flight.data) <= self._deferred_max:
                 if not self._deferred:
                     self._deferred_since = time.monotonic()
-                self._deferred.append((digest, flight.data))
+                self._deferred[digest] = flight.data
                 self._deferred_bytes += len(flight.data)
             else:
                 self._writes.start_soon(self._write_back, digest, flight.data, name=f"cache-{digest[:12]}")
@@ -381,7 +390,7 @@ class ChunkFetcher:
 
     def _write_deferred(self) -> None:
         if self._writes is not None:
-            for digest, data in self._deferred:
+            for digest, data in self._deferred.items():
                 self._writes.start_soon(self._write_back, digest, data, name=f"cache-{digest[:12]}")
         self._deferred.clear()
         self._deferred_bytes = 0
@@ -411,7 +420,8 @@ class ChunkFetcher:
 
     def _at_hand(self, digest: Digest) -> bool:
         """In memory, or a host-cache file this process has verified."""
-        return digest in self.memory or (self.disk is not None and self.disk.is_verified(digest))
+        return (digest in self.memory or digest in self._deferred
+                or (self.disk is not None and self.disk.is_verified(digest)))
 
     async def _write_back(self, digest: Digest, data: bytes) -> None:
         if self.disk is None:
