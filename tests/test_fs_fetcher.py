@@ -266,37 +266,42 @@ def test_on_busy_brackets_loads(store: ProbeStore) -> None:
     assert [busy for busy, _gets in calls] == [True, False, True, False]
 
 
-def test_chunks_reach_the_host_cache_once_reads_pause(store: ProbeStore, tmp_path: Path) -> None:
-    """Host-cache write-backs wait while reads go on, at most as many bytes as the memory tier may
+def test_prefetched_chunks_reach_the_host_cache_once_reads_pause(store: ProbeStore, tmp_path: Path) -> None:
+    """Prefetch write-backs wait while reads go on, at most as many bytes as the memory tier may
     hold (meanwhile the chunks are served from the held copy, even once the memory tier has let
-    them go); a pause in reads, a full hold, or the end of the mount writes them."""
-    chunks = put_chunks(store, 6)
+    them go); a pause in reads, a full hold, or the end of the mount writes them. Demand loads
+    are written at once."""
+    chunks = put_chunks(store, 7)
     disk = HostCache(tmp_path / "cache")
     fetcher = ChunkFetcher(store, disk, MemoryCache(max_bytes=3 * 50_000), FetchLimits(write_quiet_s=0.3))
     on_disk = lambda: {d for d, _ in chunks if disk.path(d).exists()}  # noqa: E731
 
-    async def go(f: ChunkFetcher) -> None:
-        f.prefetch([(d, len(c)) for d, c in chunks[:2]])
+    async def prefetched(f: ChunkFetcher, some: list[tuple[Digest, bytes]]) -> None:
+        f.prefetch([(d, len(c)) for d, c in some])
         while f.pending(PREFETCH) or f._inflight:
             f.peek(chunks[0][0])  # a reader keeps reading
             await trio.sleep(0.02)
-        assert await f.get(chunks[2][0], len(chunks[2][1])) == chunks[2][1]  # a demand load
-        for _ in range(10):  # still reading: nothing written yet
+
+    async def go(f: ChunkFetcher) -> None:
+        held = [chunks[0], chunks[1], chunks[3]]
+        await prefetched(f, chunks[:2])
+        assert await f.get(chunks[2][0], len(chunks[2][1])) == chunks[2][1]  # demand: at once
+        await prefetched(f, chunks[3:4])
+        for _ in range(10):  # still reading: no prefetched chunk written yet
             f.peek(chunks[0][0])
             await trio.sleep(0.02)
-        assert on_disk() == set() and f.stats()["deferred_writes"] == 3
-        assert await f.get(chunks[3][0], len(chunks[3][1])) == chunks[3][1]  # the hold is full
+        assert on_disk() == {chunks[2][0]} and f.stats()["deferred_writes"] == 3
+        await prefetched(f, chunks[4:5])  # the hold is full: written at once
         await trio.sleep(0.1)
-        assert on_disk() == {chunks[3][0]} and f.stats()["deferred_writes"] == 3
-        assert any(d not in f.memory for d, _ in chunks[:3])  # the memory tier let one go...
+        assert on_disk() == {chunks[2][0], chunks[4][0]} and f.stats()["deferred_writes"] == 3
+        assert any(d not in f.memory for d, _ in held)  # the memory tier let one go...
         gets = len(store.gets)
-        for d, c in chunks[:3]:
+        for d, c in held:
             assert await f.get(d, len(c)) == c
         assert len(store.gets) == gets  # ...and it was served from the held copy
         await trio.sleep(0.8)  # reads pause
-        assert on_disk() == {d for d, _ in chunks[:4]} and f.stats()["deferred_writes"] == 0
-        for d, c in chunks[4:]:
-            await f.get(d, len(c))
+        assert on_disk() == {d for d, _ in chunks[:5]} and f.stats()["deferred_writes"] == 0
+        await prefetched(f, chunks[5:])
 
     run(fetcher, go)
     assert on_disk() == {d for d, _ in chunks}  # the last ones written at unmount

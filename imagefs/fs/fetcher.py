@@ -48,13 +48,14 @@ class FetchLimits:
     disk: int = 8  # concurrent host-cache reads
     writers: int = 2  # concurrent host-cache writes
     drain_timeout: float = 10.0  # seconds pending host-cache writes may take at shutdown
-    # Chunks from the store go to the host cache once reads have paused for write_quiet_s (or
-    # after write_delay_max_s, at unmount, or past deferred_max bytes held, never more than the
-    # memory tier's size): written while a start-up reads, they slowed it. Torch on loopback,
-    # interleaved rounds, deferred against
-    # written at once: with a profile (prefetch only deferred; 8 rounds) 2.04 s against 2.23 s,
-    # median of the per-round ratios 1.16x against 1.29x native; cold (everything deferred; 12
-    # rounds) 3.50-3.58 s against 3.99-4.19 s, about 1.96x against 2.2x.
+    # Prefetched chunks go to the host cache once reads have paused for write_quiet_s (or after
+    # write_delay_max_s, at unmount, or past deferred_max bytes held, never more than the memory
+    # tier's size): written while the start-up streams, they slowed it. Torch with a profile on
+    # loopback, eight interleaved rounds against writing at once: 2.04 s against 2.23 s, median of
+    # the per-round ratios 1.16x against 1.29x native. Demand and readahead loads are written at
+    # once: deferring them too made cold imports faster (3.50 against 3.99 s) but moved the
+    # writes into the next start on the same mount, which reaches the daemon too rarely to look
+    # busy (the second import on a mount: 1.61x native warm against 1.04x).
     write_quiet_s: float = 1.0
     write_delay_max_s: float = 30.0
     deferred_max: int = 256 * 1024 * 1024
@@ -371,7 +372,7 @@ class ChunkFetcher:
                 if not self._urgent_loads and self.on_busy is not None:
                     self.on_busy(False)
         if from_store and flight.data is not None and self._writes is not None:
-            if self._deferred_bytes + len(flight.data) <= self._deferred_max:
+            if kind == PREFETCH and self._deferred_bytes + len(flight.data) <= self._deferred_max:
                 if not self._deferred:
                     self._deferred_since = time.monotonic()
                 self._deferred[digest] = flight.data
