@@ -201,6 +201,7 @@ class ChunkFetcher:
         self._deferred_bytes = 0
         self._deferred_max = min(limits.deferred_max, memory.max_bytes)  # no more than memory may hold
         self._deferred_since = 0.0
+        self._deferring = trio.Event()  # set while something is held, so an idle mount sleeps
         self._last_read = 0.0  # time.monotonic() of the last read asked of this fetcher
 
     @asynccontextmanager
@@ -375,6 +376,7 @@ class ChunkFetcher:
             if kind == PREFETCH and self._deferred_bytes + len(flight.data) <= self._deferred_max:
                 if not self._deferred:
                     self._deferred_since = time.monotonic()
+                    self._deferring.set()
                 self._deferred[digest] = flight.data
                 self._deferred_bytes += len(flight.data)
             else:
@@ -383,6 +385,7 @@ class ChunkFetcher:
     async def _deferred_writer(self) -> None:
         """Hand deferred prefetch write-backs to the writers once reads pause (or they waited long)."""
         while True:
+            await self._deferring.wait()
             await trio.sleep(min(0.25, self.limits.write_quiet_s))
             now = time.monotonic()
             if self._deferred and (now - self._last_read >= self.limits.write_quiet_s
@@ -395,6 +398,7 @@ class ChunkFetcher:
                 self._writes.start_soon(self._write_back, digest, data, name=f"cache-{digest[:12]}")
         self._deferred.clear()
         self._deferred_bytes = 0
+        self._deferring = trio.Event()
 
     async def _obtain(self, digest: Digest, size: int, kind: str) -> tuple[bytes | None, bool]:
         """(content, whether it came from the store). A prefetch of a chunk the host cache has only
