@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from imagefs.importers.rootfs import import_rootfs
 from imagefs.index import ImageIndex
 from imagefs.store.local import LocalStore
 from imagefs.writer import write_image
+from tests.fixtures.cli import coldstart
 from tests.fixtures.runner import make_busybox_root, needs_runc
 
 SITE = "usr/local/lib/python3.11/dist-packages"
@@ -152,11 +152,9 @@ def test_run_of_an_image_without_profile_prefetches_its_guess(tmp_path: Path,
     image_id, _ = write_image(store, import_rootfs(root))
     set_tag(store, parse_ref("plain:1"), image_id)
     monkeypatch.setenv("COLDSTART_RUN_DIR", str(tmp_path / "run"))  # here and in the CLI
-    env = dict(os.environ, COLDSTART_STORE=store.url, COLDSTART_CACHE=str(tmp_path / "cache"))
 
     def cs(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "tools.cli", *args], capture_output=True, text=True,
-                              env=env, timeout=120)
+        return coldstart(*args, store=store.url, cache=tmp_path / "cache")
 
     try:
         r = cs("run", "plain:1", "--", "/bin/sh", "-c", "echo ready")

@@ -1,18 +1,26 @@
 """Host-wide shared mounts: one mount per image, counted by live holders, restarted when broken."""
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 
+from imagefs.fs import mounts as fs_mounts
+from imagefs.images import parse_ref, set_tag
+from imagefs.importers.rootfs import import_rootfs
+from imagefs.store.local import LocalStore
+from imagefs.writer import write_image
 from runner import DirectoryProvider, ImageConfig, ResolvedImage, SharedMountProvider, SharedMounts, run
 from runner.lower import Holder, directory_image_id
 from runner.mounts import bind_mount, is_mounted, unmount
 from runner.procs import ProcessRef
 from runner.shared_mount import key_dir_name
-from tests.fixtures.runner import RunnerEnv, busybox_root, needs_runc, runner_env  # noqa: F401
+from tests.fixtures.cli import coldstart
+from tests.fixtures.runner import RunnerEnv, busybox_root, make_busybox_root, needs_runc, runner_env  # noqa: F401
 
 pytestmark = [pytest.mark.root, needs_runc]
 
@@ -214,17 +222,6 @@ def test_release_finds_a_holder_registered_under_another_key(tmp_path: Path, fs:
 def test_a_lingering_mount_of_another_store_is_not_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """coldstart run leaves the mount up; a run of the same image from another store (the first one
     gone) gets its own mount, not the lingering one whose reads would fail."""
-    import os
-    import shutil
-    import sys
-
-    from imagefs.fs import mounts as fs_mounts
-    from imagefs.images import parse_ref, set_tag
-    from imagefs.importers.rootfs import import_rootfs
-    from imagefs.store.local import LocalStore
-    from imagefs.writer import write_image
-    from tests.fixtures.runner import make_busybox_root
-
     root = make_busybox_root(tmp_path / "root")
     (root / "data").write_bytes(os.urandom(3_000_000))
     first = LocalStore(tmp_path / "store1", fsync=False)
@@ -234,9 +231,8 @@ def test_a_lingering_mount_of_another_store_is_not_reused(tmp_path: Path, monkey
     monkeypatch.setenv("COLDSTART_RUN_DIR", str(tmp_path / "run"))  # here and in the CLI
 
     def cs(store: str, *args: str) -> subprocess.CompletedProcess[str]:
-        env = dict(os.environ, COLDSTART_STORE=f"file://{tmp_path / store}", COLDSTART_CACHE=str(tmp_path / "cache"))
-        return subprocess.run([sys.executable, "-m", "tools.cli", *args], capture_output=True, text=True,
-                              env=env, timeout=120)
+        return coldstart(*args, store=f"file://{tmp_path / store}", cache=tmp_path / "cache")
+
     try:
         r = cs("store1", "run", "img:1", "--", "/bin/true")
         assert r.returncode == 0, r.stderr
