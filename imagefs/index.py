@@ -75,6 +75,12 @@ class Inode:
             self._starts = starts
         return self._starts
 
+    def extent_end(self, offset: int) -> int:
+        """The file offset where the extent holding byte offset ends."""
+        starts = self.extent_starts()
+        i = max(bisect.bisect_right(starts, offset) - 1, 0)
+        return starts[i] + (self.extents or [0, 0, 0])[3 * i + 2] if starts else 0
+
     def extents_for(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
         """(chunk number, offset in chunk, length, offset in file) of the pieces covering a range."""
         ext, starts = self.extents or [], self.extent_starts()

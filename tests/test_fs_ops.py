@@ -350,6 +350,55 @@ def test_readahead_policy_window() -> None:
     assert ReadaheadPolicy(max_bytes=0).window(5) == 0
 
 
+class RecordingSource:
+    """A ChunkSource over a store that records every readahead request."""
+
+    def __init__(self, store: LocalStore) -> None:
+        self.store = store
+        self.asked: list[list[Digest]] = []
+
+    async def get(self, digest: Digest, size: int) -> bytes:
+        from imagefs import chunks as blobs
+        return blobs.decode(self.store.get(blobs.chunk_key(digest)), digest)
+
+    def peek(self, digest: Digest) -> bytes | None:
+        return None
+
+    def readahead(self, chunks: Any) -> None:
+        self.asked.append([d for d, _ in chunks])
+
+
+def test_sequential_readahead_asks_for_each_chunk_once_per_streak(
+        image: tuple[Path, LocalStore, ImageIndex]) -> None:
+    """A reader going through a file gets the chunks ahead of it asked for, each once: the
+    window grows with the streak, but what an earlier read of the streak asked for is not asked
+    for again (it was re-checked on every read before, a cost on every hot 1 MiB read). A jump
+    starts a new streak, which may ask again."""
+    src, store, index = image
+    node = index.inode(index.resolve("/big.bin"))
+    file_chunks = [index.chunks[c] for c in (node.extents or [])[::3]]
+    assert len(file_chunks) >= 8
+
+    async def main() -> RecordingSource:
+        source = RecordingSource(store)
+        fs = ImageFS(index, source, readahead=ReadaheadPolicy(min_bytes=64 * 1024, max_bytes=512 * 1024,
+                                                              neighbors=0))
+        ino = index.resolve("/big.bin")
+        assert ino is not None
+        data = b"".join([bytes(await fs.read(ino, off, 32 * 1024)) for off in range(0, node.size, 32 * 1024)])
+        assert data == (src / "big.bin").read_bytes()
+        streak = [d for ask in source.asked for d in ask]
+        assert len(streak) == len(set(streak)), "a chunk was asked for twice in one streak"
+        assert set(streak) == set(file_chunks[1:]) - {file_chunks[0]}  # all but where it started
+        source.asked.clear()
+        await fs.read(ino, 0, 32 * 1024)  # back to the start: a new streak
+        await fs.read(ino, 32 * 1024, 32 * 1024)
+        assert source.asked and source.asked[0][0] in file_chunks
+        return source
+
+    trio.run(main)
+
+
 def test_without_open_reads_and_listings_name_the_inode(image: tuple[Path, LocalStore, ImageIndex]) -> None:
     """skip_open: open and opendir answer ENOSYS (the kernel then stops sending them), and reads
     and listings come with the inode number where the handle would be (the patched pyfuse3)."""

@@ -112,6 +112,7 @@ class ReadStream:
 
     next_offset: int = 0
     streak: int = 0
+    ahead_until: int = 0  # readahead has been asked for up to this file offset (in this streak)
 
 
 @dataclass
@@ -362,15 +363,26 @@ class ImageFS:
         sequential = offset != 0 and abs(offset - stream.next_offset) <= slack
         stream.streak = stream.streak + 1 if sequential else 0
         stream.next_offset = offset + size
+        if not sequential:
+            stream.ahead_until = 0
         window = self.readahead_policy.window(stream.streak)
-        if window and pieces and not all(self._planned(p) for p in pieces):
-            self._readahead(node, offset + size, window, {p.chunk for p in pieces})
+        # Only the part of the window past what this streak already asked for is new: a reader
+        # going through a file from the host cache would otherwise re-check every chunk of a
+        # 32 MiB window on each 1 MiB read.
+        start, end = max(offset + size, stream.ahead_until), min(offset + size + window, node.size)
+        if start < end and pieces and not all(self._planned(p) for p in pieces):
+            stream.ahead_until = self._readahead(node, start, end - start, {p.chunk for p in pieces})
 
-    def _readahead(self, inode: Inode, start: int, window: int, skip: set[int]) -> None:
+    def _readahead(self, inode: Inode, start: int, length: int, skip: set[int]) -> int:
+        """Ask for the chunks under [start, start + length) of the file; returns the file offset
+        where the last of them ends (the next window goes on from there)."""
         wanted: list[tuple[Digest, int]] = []
-        for chunk, off, n, foff in inode.extents_for(start, window):
+        covered = start + length
+        for chunk, off, n, foff in inode.extents_for(start, length):
+            covered = foff
             if chunk not in skip and not self._planned(Piece(chunk, off, n, foff)):
                 skip.add(chunk)
                 wanted.append((self.index.chunks[chunk], self.index.chunk_sizes[chunk]))
         if wanted:
             self.source.readahead(wanted)
+        return max(inode.extent_end(covered), start + length)
