@@ -221,3 +221,87 @@ def test_mount_by_id_uses_the_cached_index(mounter: Mounter, image: tuple[Path, 
 def test_bad_spawn_mode(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="spawn"):
         mounts.mount_image("file:///nowhere", "x:y", tmp_path, spawn="thread")
+
+
+# -- a daemon forked ahead of need (mounts.prefork, as `coldstart run` and `coldstart mount` do) ----
+PREFORK_SCRIPT = """
+import json, os, sys
+from imagefs.fs import mounts
+mounts.prefork()
+zygote = mounts._zygote
+assert zygote is not None, "no daemon was forked ahead"
+what, store_url, ref, mountpoint, cache = sys.argv[1:]
+if what == "killed":
+    os.kill(zygote.pid, 9)
+    os.waitpid(zygote.pid, 0)
+if what != "unused":
+    info = mounts.mount_image(store_url, ref, mountpoint, cache_dir=cache)
+    print(json.dumps({"pid": info.pid, "zygote": zygote.pid, "stack": "trio" in sys.modules}))
+else:
+    print(json.dumps({"zygote": zygote.pid}))
+"""
+
+
+def run_prefork(what: str, store: LocalStore, ref: str, mountpoint: Path, cache: Path) -> dict[str, int]:
+    out = subprocess.run([sys.executable, "-c", PREFORK_SCRIPT, what, store.url, ref, str(mountpoint), str(cache)],
+                         capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state == "Z":  # exited, waiting for whoever adopted it
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@needs_fuse
+@pytest.mark.root
+def test_preforked_daemon_serves_the_mount(mounter: Mounter, image: tuple[Path, LocalStore, str]) -> None:
+    """The caller hands its config to the copy it forked at start and never imports the FUSE
+    stack itself; the daemon is as clean as a forked one, and the go-between is gone."""
+    src, store, image_id = image
+    mp = mounter.mountpoint()
+    doc = run_prefork("used", store, image_id, mp, mounter.cache_dir)
+    assert not doc["stack"], "the caller imported trio: the pre-forked daemon was not used"
+    pid = doc["pid"]
+    assert (mp / "etc/passwd").read_bytes() == (src / "etc/passwd").read_bytes()
+    assert mounts.daemon_alive(pid) and os.getsid(pid) != os.getsid(0)
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == mounts.PROCESS_NAME
+    assert os.readlink(f"/proc/{pid}/cwd") == "/" and "start-up (ms)" in Path(mounts.mount_paths(str(mp)).log).read_text()
+    assert gone(doc["zygote"])
+    mounts.unmount(mp)
+    assert not mounts.daemon_alive(pid)
+
+
+@needs_fuse
+@pytest.mark.root
+def test_a_dead_preforked_daemon_falls_back_to_forking(mounter: Mounter, image: tuple[Path, LocalStore, str]) -> None:
+    src, store, image_id = image
+    mp = mounter.mountpoint()
+    doc = run_prefork("killed", store, image_id, mp, mounter.cache_dir)
+    assert doc["stack"]  # the fallback forks from the caller, which imports the stack for it
+    assert (mp / "etc/passwd").read_bytes() == (src / "etc/passwd").read_bytes()
+    mounts.unmount(mp)
+    assert not mounts.daemon_alive(doc["pid"])
+
+
+def test_an_unused_preforked_daemon_exits_with_its_caller(image: tuple[Path, LocalStore, str], tmp_path: Path) -> None:
+    _src, store, image_id = image
+    doc = run_prefork("unused", store, image_id, tmp_path, tmp_path / "cache")
+    assert gone(doc["zygote"])
+
+
+def test_only_commands_that_mount_prefork() -> None:
+    from tools.cli import _mounts_soon
+
+    assert _mounts_soon(["run", "img:1", "--", "true"]) and _mounts_soon(["-v", "mount", "img:1", "/mnt"])
+    assert not _mounts_soon(["mount", "--foreground", "img:1", "/mnt"]) and not _mounts_soon(["run", "--help"])
+    assert not _mounts_soon(["images"]) and not _mounts_soon([])

@@ -35,7 +35,17 @@ def _exit_code(exc: BaseException) -> int:
     return int(getattr(exc, "exit_code", 1))
 
 
+def _mounts_soon(argv: list[str]) -> bool:
+    """Whether this command line is a command that starts a mount daemon (run, mount)."""
+    words = [a for a in argv if not a.startswith("-")]
+    return bool(words) and words[0] in ("run", "mount") and not {"-h", "--help", "--foreground"} & set(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if _mounts_soon(sys.argv[1:] if argv is None else argv):
+        from imagefs.fs.mounts import prefork
+
+        prefork()  # the daemon-to-be imports its FUSE stack while this process goes on
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="coldstart: %(levelname)s %(name)s: %(message)s")

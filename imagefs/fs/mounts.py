@@ -7,10 +7,13 @@ mount whose daemon may be dead).
 
 Start-up is on the critical path of every cold container, so this module stays cheap to import
 (the daemon's FUSE stack, trio and pyfuse3, is imported only when a mount is started) and a
-single-threaded caller forks the daemon instead of starting a new interpreter (see _spawn).
+single-threaded caller forks the daemon instead of starting a new interpreter (see _spawn). A
+command that is about to mount can fork the daemon-to-be at once (prefork): it imports the FUSE
+stack on another CPU while the command resolves the image.
 """
 from __future__ import annotations
 
+import atexit
 import errno
 import gc
 import hashlib
@@ -69,6 +72,28 @@ class MountInfo:
 
 
 @dataclass(frozen=True)
+class Launch:
+    """What a mount's daemon is started with: the DaemonConfig fields given explicitly (the
+    others take the daemon's defaults), read here without importing the daemon's FUSE stack."""
+
+    fields: dict[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.fields[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.fields)
+
+    def daemon_config(self) -> "DaemonConfig":
+        from imagefs.fs.daemon import DaemonConfig
+
+        return DaemonConfig(**self.fields)
+
+
+@dataclass(frozen=True)
 class MountPaths:
     state: str
     socket: str
@@ -124,14 +149,12 @@ def serve_foreground(store_url: str | None, ref: str, mountpoint: str | os.PathL
     from imagefs.fs.daemon import serve
 
     config = _prepare(store_url, ref, mountpoint, cache_dir, cache_size, None, tuning)
-    return serve(config, ready)
+    return serve(config.daemon_config(), ready)
 
 
 def _prepare(store_url: str | None, ref: str, mountpoint: str | os.PathLike[str],
              cache_dir: str | os.PathLike[str] | None, cache_size: int | None,
-             memory_size: int | None, tuning: dict[str, Any]) -> DaemonConfig:
-    from imagefs.fs.daemon import DaemonConfig  # the FUSE stack: needed from here on
-
+             memory_size: int | None, tuning: dict[str, Any]) -> Launch:
     mp = _abs(mountpoint)
     if not os.path.isdir(mp):
         raise MountError(f"mountpoint {mp} is not a directory")
@@ -141,12 +164,12 @@ def _prepare(store_url: str | None, ref: str, mountpoint: str | os.PathLike[str]
     cache = str(cache_dir or default_cache_dir())
     image_id = _resolve_image(url, ref, cache)
     os.makedirs(os.path.dirname(paths.state), exist_ok=True)
-    return DaemonConfig(
+    return Launch(dict(
         store_url=url, image_id=image_id, mountpoint=mp, ref=ref,
         cache_dir=cache, cache_size=cache_size or DEFAULT_SIZE,
         memory_size=memory_size or DEFAULT_MEMORY_SIZE, state_path=paths.state,
         socket_path=paths.socket, log_path=paths.log,
-        allow_other=tuning.pop("allow_other", _allow_other_permitted()), **tuning)
+        allow_other=tuning.pop("allow_other", _allow_other_permitted()), **tuning))
 
 
 def _resolve_image(store_url: str, ref: str, cache_dir: str) -> str:
@@ -201,13 +224,21 @@ def mount_is_dead(mp: str, timeout: float = 2.0) -> bool:
     return bool(result) and result[0] in (errno.ENOTCONN, errno.ECONNABORTED)
 
 
-def _spawn(config: DaemonConfig, timeout: float, mode: str) -> dict[str, Any]:
+def _spawn(config: Launch, timeout: float, mode: str) -> dict[str, Any]:
     """Start the daemon and wait for its readiness message.
 
     Forking skips a new interpreter's start-up and its imports (the most of a mount's start-up
     time with a cold page cache). It is safe only in a single-threaded process (a lock another
-    thread holds would stay locked in the child), so "auto" forks only then and execs otherwise.
+    thread holds would stay locked in the child), so "auto" forks only then and execs otherwise;
+    "auto" first hands the config to a daemon forked ahead of need (prefork), if there is one.
     """
+    global _zygote
+    zygote, _zygote = (_zygote, None) if mode == "auto" else (None, _zygote)
+    if zygote is not None:
+        try:
+            return zygote.launch(config, timeout)
+        except _ZygoteGone as e:
+            log.info("the pre-forked mount daemon is gone (%s): starting a new one", e)
     fork = mode == "fork" or (mode == "auto" and _single_threaded())
     log.debug("starting the mount daemon for %s by %s", config.mountpoint, "fork" if fork else "exec")
     r, w = os.pipe()
@@ -232,7 +263,7 @@ def _single_threaded() -> bool:
         return False
 
 
-def _exec_daemon(config: DaemonConfig, ready_fd: int, timeout: float) -> None:
+def _exec_daemon(config: Launch, ready_fd: int, timeout: float) -> None:
     cmd = [sys.executable, "-m", "imagefs.fs.daemon", "--config", config.to_json(),
            "--ready-fd", str(ready_fd), "--detach"]
     with open(config.log_path, "ab") as logf:
@@ -248,8 +279,9 @@ def _daemon_env() -> dict[str, str]:
     return env
 
 
-def _fork_daemon(config: DaemonConfig, ready_fd: int) -> None:
+def _fork_daemon(launch: Launch, ready_fd: int) -> None:
     """Fork twice (the daemon is nobody's child and has a session of its own); reap the first."""
+    config = launch.daemon_config()  # the FUSE stack imported here, once for this process's mounts
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -284,6 +316,99 @@ def _forked_daemon(config: DaemonConfig, ready_fd: int) -> int:
         code = 1
     logging.shutdown()
     return code
+
+
+class _ZygoteGone(Exception):
+    """The pre-forked daemon cannot take a config (it died)."""
+
+
+class _Zygote:
+    """A copy of the caller forked before it knows what to mount (see prefork): it imports the
+    daemon's FUSE stack meanwhile, then becomes the daemon of the config it is handed, or exits
+    when the caller closes the config pipe (also when the caller dies)."""
+
+    def __init__(self) -> None:
+        config_r, self._config_w = os.pipe()
+        self._ready_r, ready_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 1
+            try:
+                os.close(self._config_w)
+                os.close(self._ready_r)
+                code = _zygote_main(config_r, ready_w)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)  # never return into the caller's code
+        os.close(config_r)
+        os.close(ready_w)
+
+    def launch(self, config: Launch, timeout: float) -> dict[str, Any]:
+        """Hand over the config and wait for the daemon it starts to be ready."""
+        try:
+            try:
+                view = memoryview(config.to_json().encode())
+                while view:
+                    view = view[os.write(self._config_w, view):]
+            except OSError as e:  # EPIPE: it died before reading
+                raise _ZygoteGone(e.strerror or str(e)) from None
+            finally:
+                os.close(self._config_w)
+                self._config_w = -1
+            return _wait_ready(self._ready_r, config, timeout)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Let it go (it exits when its config pipe closes), reaping it if it already has."""
+        for fd in (self._config_w, self._ready_r):
+            if fd >= 0:
+                os.close(fd)
+        self._config_w = self._ready_r = -1
+        try:
+            os.waitpid(self.pid, os.WNOHANG)  # an unreaped one is reparented when we exit
+        except ChildProcessError:
+            pass
+
+
+def _zygote_main(config_r: int, ready_fd: int) -> int:
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):  # hold none of the caller's pipes open (its caller may wait for EOF)
+        os.dup2(null, fd)
+    os.close(null)
+    os.setsid()  # not in the caller's process group: a Ctrl-C there is not for the daemon
+    try:
+        import imagefs.fs.daemon  # noqa: F401  (the reason to fork early)
+    except Exception:  # the daemon fails to start below, and says so on the ready pipe
+        pass
+    data = b""
+    while chunk := os.read(config_r, 65536):
+        data += chunk
+    os.close(config_r)
+    if not data:  # the caller did not need a mount after all
+        return 0
+    try:
+        config = Launch(json.loads(data)).daemon_config()
+    except Exception as e:  # a bad config: the caller reads why instead of "exited"
+        os.write(ready_fd, json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"}).encode() + b"\n")
+        return 1
+    if os.fork() == 0:  # the daemon is nobody's child; this process exits at once
+        return _forked_daemon(config, ready_fd)
+    return 0
+
+
+_zygote: _Zygote | None = None
+
+
+def prefork() -> None:
+    """Fork the daemon of the next mount_image() ahead of need, for a command about to mount:
+    it imports trio and pyfuse3 (about 100 ms) on another CPU while the command resolves the
+    image. Only in a single-threaded process that has not imported them already."""
+    global _zygote
+    if _zygote is None and "imagefs.fs.daemon" not in sys.modules and _single_threaded():
+        _zygote = _Zygote()
+        atexit.register(_zygote.discard)
 
 
 _inherited: list[object] = []  # the caller's std streams: kept alive, so they never flush here
@@ -322,7 +447,7 @@ def _reset_signals() -> None:
     signal.set_wakeup_fd(-1)
 
 
-def _wait_ready(fd: int, config: DaemonConfig, timeout: float) -> dict[str, Any]:
+def _wait_ready(fd: int, config: Launch, timeout: float) -> dict[str, Any]:
     """Read the daemon's lines: first {"pid": N}, then its readiness (or failure) message."""
     deadline, buf, pid = time.monotonic() + timeout, b"", 0
     while True:
@@ -344,7 +469,7 @@ def _wait_ready(fd: int, config: DaemonConfig, timeout: float) -> dict[str, Any]
         buf += data
 
 
-def _check_ready(doc: dict[str, Any], config: DaemonConfig) -> dict[str, Any]:
+def _check_ready(doc: dict[str, Any], config: Launch) -> dict[str, Any]:
     if not doc.get("ok"):
         err = MountError(f"cannot mount {config.ref or config.image_id}: {doc.get('error')}")
         err.exit_code = int(doc.get("exit_code") or MountError.exit_code)
