@@ -41,7 +41,6 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -49,7 +48,7 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Iterator, Protocol
 
-from bench.util import cpu_ticks, drop_page_cache, machine, median, write_json
+from bench.util import Trash, cpu_ticks, drop_page_cache, machine, median, write_json
 from runner.procs import process_cpu_seconds
 
 ROOTFS = Path("/var/cache/coldstart-bench/torch")
@@ -100,6 +99,7 @@ class Bench:
         self.code = code
         self.store_url = store_url
         self.cache = work / "cache"
+        self.trash = Trash(work / "trash")  # used host caches, deleted at the end (see Trash)
         self.mnt = work / "mnt"
         self.mnt.mkdir(parents=True, exist_ok=True)
         self.run_dir = work / "run"  # never meet other people's mounts
@@ -126,7 +126,7 @@ class Bench:
 
     # -- mounts ----------------------------------------------------------------------------------
     def clear_host_cache(self) -> None:
-        shutil.rmtree(self.cache, ignore_errors=True)
+        self.trash.discard(self.cache)
 
     def record_profile(self, ref: str, tag: str) -> None:
         """Record the code's start-up profile from a cold lazy run of ref and link it from tag,
@@ -403,7 +403,10 @@ def main(argv: list[str] | None = None) -> int:
         b = Bench(args.work, args.rootfs, args.code, url, args.kernel_readahead_kb, store_pid)
         trees = [b.tree(label, root) for label, root in args.tree or [("this", Path(__file__).parents[1])]]
         start = cpu_ticks()
-        records = run(b, trees, args.repeat, args.only)
+        try:
+            records = run(b, trees, args.repeat, args.only)
+        finally:
+            b.trash.empty()
         end = cpu_ticks()
     summary = summarise(records, [t.label for t in trees])
     cpu = {k: round(end[k] - start[k], 1) for k in start}

@@ -13,7 +13,6 @@ containerd  stock containerd: `ctr image pull` from a local registry (fetch + un
 """
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.util import drop_page_cache
+from bench.util import Trash, drop_page_cache
 from bench.workloads import READY, Workload
 from imagefs import chunks as blobs
 from imagefs.export import export_image
@@ -45,6 +44,12 @@ class Context:
     gpus: str | None = None
     prefetch_workers: int | None = None
     containerd: Any = None  # bench.containerd.ContainerdBench when the containerd mode runs
+    trash: Trash | None = None  # where used caches and pulled trees go until the suite ends
+
+    def discard(self, path: Path) -> None:
+        if self.trash is None:
+            self.trash = Trash(self.work / "trash")
+        self.trash.discard(path)
 
     @property
     def state_dir(self) -> Path:
@@ -97,11 +102,14 @@ def run_native(ctx: Context, w: Workload, image_id: str, config: Any, rep: int) 
 def run_pull(ctx: Context, w: Workload, image_id: str, config: Any, rep: int) -> Record:
     drop_page_cache()
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(dir=ctx.work, prefix="pull-") as tmp:
-        fetched = pull(ctx.store_url, image_id, Path(tmp) / "rootfs")
+    tmp = Path(tempfile.mkdtemp(dir=ctx.work, prefix="pull-"))
+    try:
+        fetched = pull(ctx.store_url, image_id, tmp / "rootfs")
         pulled = time.monotonic() - t0
-        res = run(_options(ctx, w, image_id), DirectoryProvider(Path(tmp) / "rootfs", config),
+        res = run(_options(ctx, w, image_id), DirectoryProvider(tmp / "rootfs", config),
                   stdout=_discard, stderr=_discard)
+    finally:
+        ctx.discard(tmp)
     rec = _record(w, "pull", rep, res, pulled, {"pull": pulled})
     rec.bytes_fetched, rec.fetches = fetched
     return rec
@@ -151,7 +159,7 @@ def run_lazy(ctx: Context, w: Workload, image_id: str, mode: str, rep: int, tag:
     unmount_all(ctx.state_dir)
     cache = ctx.warm_cache if mode == "warm" else ctx.work / f"cache-{mode}-{rep}"
     if mode != "warm":
-        shutil.rmtree(cache, ignore_errors=True)
+        ctx.discard(cache)  # a leftover of an interrupted suite
     drop_page_cache()
     prefetch = mode == "prefetch"
     provider = imagefs_provider(ctx.state_dir, ctx.store_url, str(cache), linger=True,
@@ -170,7 +178,7 @@ def run_lazy(ctx: Context, w: Workload, image_id: str, mode: str, rep: int, tag:
     finally:
         unmount_all(ctx.state_dir)
         if mode != "warm":
-            shutil.rmtree(cache, ignore_errors=True)
+            ctx.discard(cache)
     return rec
 
 

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from bench.fs_bench import summarise, table
+from bench.util import Trash
 from runner.procs import process_cpu_seconds
 
 
@@ -41,3 +43,22 @@ def test_process_cpu_of_self_and_of_a_gone_process() -> None:
     used = process_cpu_seconds(os.getpid())
     assert used is not None and used > 0
     assert process_cpu_seconds(2 ** 22 + 12345) is None  # above pid_max's default: no such process
+
+
+def test_trash_moves_now_and_deletes_at_the_end(tmp_path: Path) -> None:
+    """Benchmarks move used caches aside between runs and delete them only when they end."""
+    (tmp_path / "trash" / "old").mkdir(parents=True)  # left by an interrupted run: gone at once
+    trash = Trash(tmp_path / "trash")
+    assert not (tmp_path / "trash").exists()
+    for _ in range(2):  # the same path used and discarded twice
+        cache = tmp_path / "cache"
+        (cache / "chunks").mkdir(parents=True)
+        (cache / "chunks" / "c").write_bytes(b"x")
+        trash.discard(cache)
+        assert not cache.exists()
+    trash.discard(tmp_path / "never-made")
+    kept = sorted(p.name for p in (tmp_path / "trash").iterdir())
+    assert len(kept) == 2 and all(name.endswith("-cache") for name in kept)
+    assert all((tmp_path / "trash" / name / "chunks" / "c").read_bytes() == b"x" for name in kept)
+    trash.empty()
+    assert not (tmp_path / "trash").exists()
