@@ -230,3 +230,17 @@ def test_a_chunk_this_process_wrote_is_read_in_part_without_verifying_again(tmp_
     os.unlink(path)
     path.write_bytes(b"y" * len(data))
     assert cache.read_part(d, 0, 10, wait=True) is None and not cache.is_verified(d)
+
+
+def test_files_already_there_are_counted_once_and_found(tmp_path: Path) -> None:
+    """The count of the files a cache holds runs in the background; a write made at once is
+    neither lost nor counted twice, and count_present answers from that count."""
+    first = HostCache(tmp_path, 100 << 20)
+    old = [chunk(i) for i in range(30)]
+    for d, data in old:
+        first.put(d, data)
+    again = HostCache(tmp_path, 100 << 20)
+    d, data = chunk(99)
+    again.put(d, data)  # right away: waits for the count
+    assert again.used_bytes == sum(p.stat().st_size for p in cache_files(tmp_path))
+    assert again.count_present([x for x, _ in old] + [d, "0" * 64]) == len(old)  # d came later

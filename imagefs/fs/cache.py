@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import blake3
 
@@ -105,11 +105,40 @@ class HostCache:
         except OSError as e:
             raise ImageFSError(f"cannot create cache directory {self.root}: {e.strerror}") from e
         self._remove_stale_temps()
-        self._used = sum(size for _path, size, _mtime in self._scan())
+        # The files already here are counted in a thread of its own: a big cache takes a while
+        # to list (tens of thousands of files, from the disk after a page-cache drop), and a
+        # mount is not to wait for that before it serves. Writes and eviction wait for it.
+        self._used = 0
+        self._present: frozenset[str] = frozenset()  # the chunks found by that count
+        self._scanned = threading.Event()
+        threading.Thread(target=self._first_scan, name="cache-scan", daemon=True).start()
+
+    def _first_scan(self) -> None:
+        names: list[str] = []
+        total = 0
+        try:
+            for path, size, _mtime in self._scan():
+                names.append(os.path.basename(path))
+                total += size
+        except OSError as e:  # an unreadable cache counts as empty; writes will say what is wrong
+            log.warning("host cache: cannot list %s: %s", self.root, e)
+        finally:
+            with self._mutex:
+                self._used += total
+                self._present = frozenset(names)
+            self._scanned.set()
 
     @property
     def used_bytes(self) -> int:
+        self._scanned.wait()
         return self._used
+
+    def count_present(self, digests: Iterable[str]) -> int:
+        """How many of these chunks the cache holds: from the first count if it is done, else
+        one lookup each (a mount does not wait for the count of a big cache)."""
+        if self._scanned.is_set():
+            return len(self._present.intersection(digests))
+        return sum(self.path(d).exists() for d in digests)
 
     def path(self, digest: str) -> Path:
         return self._chunks / digest[:2] / digest
@@ -250,6 +279,7 @@ class HostCache:
         path = self.path(digest)
         if path.exists():
             return
+        self._scanned.wait()  # a file written before the first count would be counted twice
         try:
             written = self._write(path, data)
         except OSError as e:
@@ -338,6 +368,7 @@ class HostCache:
     # -- eviction ------------------------------------------------------------------------------
     def evict(self) -> int:
         """Under the cache lock, delete least recently used files until below the low-water mark."""
+        self._scanned.wait()
         with open(self._lock_path, "a+b") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             files = sorted(self._scan(), key=lambda f: f[2])
