@@ -233,8 +233,8 @@ def test_a_chunk_this_process_wrote_is_read_in_part_without_verifying_again(tmp_
 
 
 def test_files_already_there_are_counted_once_and_found(tmp_path: Path) -> None:
-    """The count of the files a cache holds runs in the background; a write made at once is
-    neither lost nor counted twice, and count_present answers from that count."""
+    """Opening a cache counts the bytes of the files it holds once (a write after it adds its
+    own), and count_present answers from the chunks found then."""
     first = HostCache(tmp_path, 100 << 20)
     old = [chunk(i) for i in range(30)]
     for d, data in old:

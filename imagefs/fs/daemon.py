@@ -122,10 +122,10 @@ class Daemon:
         # (a runner reads /etc/passwd of the image a few ms after the mount is ready).
         self._profile = _Loading(profiles.load, self.store, config.profile) if config.profile else None
         self._profile_queued = False
-        self.disk = HostCache(config.cache_dir, config.cache_size)  # counts its files meanwhile
-        self.startup.mark("host_cache")
         self.index = load_index(self.store, config.image_id, config.cache_dir)  # host copy first
         self.startup.mark("index")
+        self.disk = HostCache(config.cache_dir, config.cache_size)
+        self.startup.mark("host_cache")
         self.fetcher = ChunkFetcher(self.store, self.disk, MemoryCache(config.memory_size),
                                     FetchLimits(**config.limits))
         self.trace = AccessTrace(config.trace_limit)
