@@ -44,12 +44,10 @@ class Context:
     gpus: str | None = None
     prefetch_workers: int | None = None
     containerd: Any = None  # bench.containerd.ContainerdBench when the containerd mode runs
-    trash: Trash | None = None  # where used caches and pulled trees go until the suite ends
+    trash: Trash = field(init=False)  # used caches and pulled trees, deleted when the suite ends
 
-    def discard(self, path: Path) -> None:
-        if self.trash is None:
-            self.trash = Trash(self.work / "trash")
-        self.trash.discard(path)
+    def __post_init__(self) -> None:
+        self.trash = Trash(self.work / "trash")  # (leftovers of an interrupted suite go now)
 
     @property
     def state_dir(self) -> Path:
@@ -109,7 +107,7 @@ def run_pull(ctx: Context, w: Workload, image_id: str, config: Any, rep: int) ->
         res = run(_options(ctx, w, image_id), DirectoryProvider(tmp / "rootfs", config),
                   stdout=_discard, stderr=_discard)
     finally:
-        ctx.discard(tmp)
+        ctx.trash.discard(tmp)
     rec = _record(w, "pull", rep, res, pulled, {"pull": pulled})
     rec.bytes_fetched, rec.fetches = fetched
     return rec
@@ -159,7 +157,7 @@ def run_lazy(ctx: Context, w: Workload, image_id: str, mode: str, rep: int, tag:
     unmount_all(ctx.state_dir)
     cache = ctx.warm_cache if mode == "warm" else ctx.work / f"cache-{mode}-{rep}"
     if mode != "warm":
-        ctx.discard(cache)  # a leftover of an interrupted suite
+        ctx.trash.discard(cache)  # a leftover of an interrupted suite
     drop_page_cache()
     prefetch = mode == "prefetch"
     provider = imagefs_provider(ctx.state_dir, ctx.store_url, str(cache), linger=True,
@@ -178,7 +176,7 @@ def run_lazy(ctx: Context, w: Workload, image_id: str, mode: str, rep: int, tag:
     finally:
         unmount_all(ctx.state_dir)
         if mode != "warm":
-            ctx.discard(cache)
+            ctx.trash.discard(cache)
     return rec
 
 

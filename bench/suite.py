@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 from bench import modes, report
 from bench.rootfs import CACHE
-from bench.util import Trash, machine, write_json
+from bench.util import machine, write_json
 from bench.workloads import SUITES, WORKLOADS, Workload
 from imagefs.builder.build import Builder, BuildOptions
 from imagefs.builder.load import load_spec
@@ -142,7 +142,6 @@ def run_suite(plan: Plan) -> dict[str, Any]:
         configs, sizes = _push(ids, store_url)
         ctx = modes.Context(store_url, work, prepare_natives(ids, work), gpus="all" if gpus else None,
                             prefetch_workers=plan.prefetch_workers)
-        ctx.trash = Trash(work / "trash")  # leftovers of an interrupted suite deleted before any run
         with _containerd(plan, ids, work) as ctrd:
             ctx.containerd = ctrd
             try:
@@ -154,8 +153,7 @@ def run_suite(plan: Plan) -> dict[str, Any]:
                             records.append(_one(ctx, w, ids[w.name], configs[w.name], mode, rep).as_dict())
             finally:
                 unmount_all(ctx.state_dir)
-                if ctx.trash is not None:
-                    ctx.trash.empty()
+                ctx.trash.empty()
     meta = {"started": started, "machine": machine(), "network": plan.network, "store_kind": store_kind,
             "repeat": plan.repeat, "command": "coldstart bench " + " ".join(map(shlex.quote, sys.argv[2:])),
             "images": ids, "image_bytes": sizes, "skipped": skipped,

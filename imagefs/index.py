@@ -77,9 +77,11 @@ class Inode:
 
     def extent_end(self, offset: int) -> int:
         """The file offset where the extent holding byte offset ends."""
-        starts = self.extent_starts()
+        starts, ext = self.extent_starts(), self.extents or []
+        if not starts:
+            return 0
         i = max(bisect.bisect_right(starts, offset) - 1, 0)
-        return starts[i] + (self.extents or [0, 0, 0])[3 * i + 2] if starts else 0
+        return starts[i] + ext[3 * i + 2]
 
     def extents_for(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
         """(chunk number, offset in chunk, length, offset in file) of the pieces covering a range."""

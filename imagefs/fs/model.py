@@ -377,12 +377,12 @@ class ImageFS:
         """Ask for the chunks under [start, start + length) of the file; returns the file offset
         where the last of them ends (the next window goes on from there)."""
         wanted: list[tuple[Digest, int]] = []
-        covered = start + length
+        last = start  # where the last piece asked for starts in the file
         for chunk, off, n, foff in inode.extents_for(start, length):
-            covered = foff
+            last = foff
             if chunk not in skip and not self._planned(Piece(chunk, off, n, foff)):
                 skip.add(chunk)
                 wanted.append((self.index.chunks[chunk], self.index.chunk_sizes[chunk]))
         if wanted:
             self.source.readahead(wanted)
-        return max(inode.extent_end(covered), start + length)
+        return max(inode.extent_end(last), start + length)

@@ -232,8 +232,7 @@ def _spawn(config: Launch, timeout: float, mode: str) -> dict[str, Any]:
     thread holds would stay locked in the child), so "auto" forks only then and execs otherwise;
     "auto" first hands the config to a daemon forked ahead of need (prefork), if there is one.
     """
-    global _zygote
-    zygote, _zygote = (_zygote, None) if mode == "auto" else (None, _zygote)
+    zygote = _take_zygote() if mode == "auto" else None
     if zygote is not None:
         try:
             return zygote.launch(config, timeout)
@@ -399,6 +398,13 @@ def _zygote_main(config_r: int, ready_fd: int) -> int:
 
 
 _zygote: _Zygote | None = None
+
+
+def _take_zygote() -> _Zygote | None:
+    """The pre-forked daemon, if there is one; each serves one mount."""
+    global _zygote
+    zygote, _zygote = _zygote, None
+    return zygote
 
 
 def prefork() -> None:
