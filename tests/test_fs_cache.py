@@ -241,6 +241,6 @@ def test_files_already_there_are_counted_once_and_found(tmp_path: Path) -> None:
         first.put(d, data)
     again = HostCache(tmp_path, 100 << 20)
     d, data = chunk(99)
-    again.put(d, data)  # right away: waits for the count
+    again.put(d, data)  # after the count: added to it, not found by it
     assert again.used_bytes == sum(p.stat().st_size for p in cache_files(tmp_path))
     assert again.count_present([x for x, _ in old] + [d, "0" * 64]) == len(old)  # d came later

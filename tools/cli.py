@@ -37,8 +37,9 @@ def _exit_code(exc: BaseException) -> int:
 
 def _mounts_soon(argv: list[str]) -> bool:
     """Whether this command line is a command that starts a mount daemon (run, mount)."""
-    words = [a for a in argv if not a.startswith("-")]
-    return bool(words) and words[0] in ("run", "mount") and not {"-h", "--help", "--foreground"} & set(argv)
+    ours = argv[:argv.index("--")] if "--" in argv else argv  # what follows is the container's
+    words = [a for a in ours if not a.startswith("-")]
+    return bool(words) and words[0] in ("run", "mount") and not {"-h", "--help", "--foreground"} & set(ours)
 
 
 def main(argv: list[str] | None = None) -> int:
