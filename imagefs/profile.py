@@ -60,6 +60,11 @@ PACK_PAD = 256 * 1024
 # have at least 70 % of their bytes in ranges, and taking them whole adds 5 MiB (3 %) to the
 # pack, so that a next start which reads them a little differently still finds every byte.
 PACK_WHOLE = 0.7
+# Name entries of a profile (imagefs.fs.trace's lookups and listings)
+NAME_LOOKUP = "l"
+NAME_LIST = "d"
+_NAME_KINDS = {"lookup": NAME_LOOKUP, "list": NAME_LIST}
+NAMES_MAX = 100_000
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,10 @@ class Profile:
     command: list[str] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     pack: list[Segment] = field(default_factory=list)
+    # The names the start-up looked up (found or not) and the directories it listed, in order, as
+    # (NAME_LOOKUP or NAME_LIST, absolute path in the image): replayed through the mount so that
+    # the kernel's caches answer the container (imagefs.fs.warm).
+    names: list[tuple[str, str]] = field(default_factory=list)
     # What was read of each chunk, as (offset, length) ranges: from the trace, the input of the
     # pack (not stored: the pack's parts say the same).
     reads: dict[str, list[tuple[int, int]]] = field(default_factory=dict, compare=False)
@@ -89,6 +98,8 @@ class Profile:
         pack = [[s.digest, s.size, [[number[d], off, n] for d, off, n in s.parts]] for s in self.pack]
         doc = {"v": VERSION, "image": self.image, "chunks": self.chunks, "files": self.files,
                "ready_s": self.ready_s, "command": self.command, "created": self.created, "pack": pack}
+        if self.names:  # (absent rather than empty: a profile without names encodes as before)
+            doc["names"] = [[k, p] for k, p in self.names]
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -100,7 +111,8 @@ class Profile:
             chunks = [(str(d), int(n)) for d, n in doc["chunks"]]
             pack = [_decode_segment(s, chunks) for s in doc.get("pack") or ()]
             return cls(str(doc["image"]), chunks, int(doc["files"]), doc.get("ready_s"),
-                       list(doc.get("command") or []), float(doc["created"]), pack)
+                       list(doc.get("command") or []), float(doc["created"]), pack,
+                       _decode_names(doc.get("names") or ()))
         except (ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError,
                 RecursionError) as e:
             raise CorruptBlob(digest, f"malformed profile: {type(e).__name__}: {e}") from None
@@ -126,21 +138,38 @@ def _decode_segment(doc: Any, chunks: list[tuple[str, int]]) -> Segment:
     return Segment(str(digest), int(size), out)
 
 
+def _decode_names(doc: Any) -> list[tuple[str, str]]:
+    out = [(str(k), str(p)) for k, p in doc]
+    if len(out) > NAMES_MAX:
+        raise ValueError(f"{len(out)} names, more than {NAMES_MAX}")
+    if any(k not in (NAME_LOOKUP, NAME_LIST) or not p.startswith("/") for k, p in out):
+        raise ValueError("a name entry is not a lookup or listing of an absolute path")
+    return out
+
+
 def from_trace(image_id: str, events: Iterable[dict[str, Any]], *, until: float | None = None,
                ready_s: float | None = None, command: list[str] | None = None) -> Profile:
     """A profile from a mount's trace (imagefs.fs.mounts.read_trace), cut at `until` seconds."""
     chunks: list[tuple[str, int]] = []
     reads: dict[str, list[tuple[int, int]]] = {}
+    names: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
     files = 0
     for ev in events:
         if until is not None and float(ev["t"]) > until:
             break
-        if ev["kind"] == "file":
+        kind = ev["kind"]
+        if kind == "file":
             files += 1
-        elif ev["kind"] == "chunk" and ev["chunk"] not in reads:
+        elif kind == "chunk" and ev["chunk"] not in reads:
             chunks.append((ev["chunk"], int(ev["size"])))
             reads[ev["chunk"]] = [(int(off), int(n)) for off, n in ev.get("spans") or ()]
-    return Profile(image_id, chunks, files, ready_s, command or [], reads=reads)
+        elif kind in _NAME_KINDS and len(names) < NAMES_MAX:
+            entry = (_NAME_KINDS[kind], str(ev["path"]))
+            if entry not in seen:
+                seen.add(entry)
+                names.append(entry)
+    return Profile(image_id, chunks, files, ready_s, command or [], reads=reads, names=names)
 
 
 def build_pack(store: BlobStore, profile: Profile, segment: int = PACK_SEGMENT,
@@ -301,7 +330,8 @@ def learn(index: ImageIndex, image_id: str, events: Sequence[tuple[int, str, int
     start = events[0][0] if events else 0
     docs = ({"t": (t_ns - start) / 1e9, "kind": kind, "chunk": index.chunks[chunk], "size": index.chunk_sizes[chunk]}
             if kind == "chunk" else {"t": (t_ns - start) / 1e9, "kind": kind}
-            for t_ns, kind, _ino, chunk, _off in events if kind != "chunk" or 0 <= chunk < len(index.chunks))
+            for t_ns, kind, _ino, chunk, _off in events
+            if kind == "file" or (kind == "chunk" and 0 <= chunk < len(index.chunks)))
     return from_trace(image_id, docs, until=window_s, command=["(learned on this host)"])
 
 

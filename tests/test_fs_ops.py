@@ -336,12 +336,45 @@ def test_metrics_and_trace(image: tuple[Path, LocalStore, ImageIndex]) -> None:
     assert metrics["ops"]["read"]["p50_us"] <= metrics["ops"]["read"]["p99_us"]
     files = [e["path"] for e in trace if e["kind"] == "file"]
     assert files == ["/etc/passwd", "/big.bin"]
-    chunks = [e["chunk"] for e in trace if e["kind"] == "chunk"]
-    assert len(chunks) == len(set(chunks)) and trace[1]["path"] == "/etc/passwd"
+    touched = [e for e in trace if e["kind"] in ("file", "chunk")]
+    chunks = [e["chunk"] for e in touched if e["kind"] == "chunk"]
+    assert len(chunks) == len(set(chunks)) and touched[1]["path"] == "/etc/passwd"
     big = index.inode(index.resolve("/big.bin"))
     big_chunks = [index.chunks[c] for c in (big.extents or [])[::3]]
     assert [c for c in chunks if c in big_chunks] == list(dict.fromkeys(big_chunks))
     assert [e["t"] for e in trace] == sorted(e["t"] for e in trace)
+
+
+def test_trace_keeps_each_lookup_and_listing_once_in_order(image: tuple[Path, LocalStore, ImageIndex],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names looked up (found or not) and directories read from their start are traced once
+    each, in the order the kernel asked, with their paths: a profile replays them (imagefs.fs.warm)."""
+    _src, store, index = image
+
+    async def run(ops: FuseOps) -> list[dict[str, Any]]:
+        etc = await resolve(ops, "etc")
+        await ops.lookup(etc, b"passwd")
+        await ops.lookup(etc, b"passwd")  # asked again (the kernel forgot it): traced once
+        assert (await ops.lookup(etc, b"nope")).st_ino == 0
+        await ops.lookup(etc, b"..")  # not a name of the image
+        many = await resolve(ops, "many")
+        fh = await ops.opendir(many, None)
+        for start in (0, 5, 0):  # a listing read in parts, then again from its start
+            await ops.readdir(fh, start, None)  # type: ignore[arg-type]
+        await ops.lookup(many, b"f001")
+        assert ops.fs.trace is not None
+        return ops.fs.trace.dump(index)
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", lambda *a: True)
+    trace = with_ops(index, store, run)
+    names = [(e["kind"], e["path"]) for e in trace if e["kind"] in ("lookup", "list")]
+    assert names == [("lookup", "/etc"), ("lookup", "/etc/passwd"), ("lookup", "/etc/nope"),
+                     ("lookup", "/many"), ("list", "/many"), ("lookup", "/many/f001")]
+    t = AccessTrace(name_limit=2)
+    t.lookup(1, b"a")
+    t.listing(1)
+    t.lookup(1, b"b")
+    assert len(t) == 2 and t.truncated and t.names == [b"a"]
 
 
 def test_readahead_policy_window() -> None:

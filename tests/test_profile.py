@@ -80,6 +80,7 @@ def test_record_store_load_in_first_touch_order(tmp_path: Path) -> None:
     assert max(order.index(d) for d in c_only) < min(order.index(d) for d in a_only)
     assert not b_only & set(order)
     assert doc["chunks"] == len(prof.chunks) and prof.image == image_id
+    assert doc["names"] == len(prof.names) and ("l", "/c") in prof.names  # the shell's lookups
     assert resolve(store, "prof:1") == image_id  # recording leaves the image ID alone
     shown = json.loads(cs(tmp_path, "profile", "show", "prof:1", "--json").stdout)
     assert shown["profile"] == doc["profile"] and [d for d, _ in shown["chunk_list"]] == order
@@ -271,3 +272,77 @@ def test_next_mount_on_the_host_prefetches_what_the_last_one_read(tmp_path: Path
     info = mounter.mount(url, image_id, cache_dir=cache)  # touched nothing: keeps what was learned
     mounter.unmount(info)
     assert profiles.load_learned(cache, image_id) is not None
+
+
+# -- names: the start-up's lookups and listings, replayed through the mount ------------------------
+def test_names_from_a_trace_round_trip_and_stay_out_of_older_encodings(tmp_path: Path) -> None:
+    events = [{"t": 0.1, "kind": "lookup", "ino": 1, "path": "/etc"},
+              {"t": 0.2, "kind": "file", "ino": 5, "path": "/etc/passwd"},
+              {"t": 0.3, "kind": "lookup", "ino": 2, "path": "/etc/nope"},
+              {"t": 0.4, "kind": "list", "ino": 2, "path": "/etc"},
+              {"t": 0.5, "kind": "lookup", "ino": 2, "path": "/etc/nope"},
+              {"t": 9.0, "kind": "lookup", "ino": 1, "path": "/late"}]
+    prof = profiles.from_trace("a" * 64, events, until=5.0)
+    assert prof.names == [("l", "/etc"), ("l", "/etc/nope"), ("d", "/etc")] and prof.files == 1
+    assert profiles.Profile.decode(prof.encode(), "x").names == prof.names
+    plain = profiles.Profile("a" * 64, [("b" * 64, 10)], created=1.0)
+    assert b"names" not in plain.encode()  # a profile without names encodes as it did before
+    for bad in ([["x", "/a"]], [["l", "relative"]], [["l"]]):
+        doc = json.loads(plain.encode())
+        doc["names"] = bad
+        try:
+            profiles.Profile.decode(json.dumps(doc).encode(), "x")
+        except profiles.CorruptBlob:
+            continue
+        raise AssertionError(f"accepted names {bad}")
+
+
+def test_warm_plan_keeps_only_paths_through_real_directories(tmp_path: Path) -> None:
+    """The kernel's walk of a replayed path must not follow a symlink (it could lead out of the
+    mount): entries whose directory part is not reached through directories alone are dropped."""
+    from imagefs.fs import warm
+
+    root = tmp_path / "root"
+    (root / "a/b").mkdir(parents=True)
+    (root / "a/f").write_text("x")
+    os.symlink("a", root / "rel")
+    os.symlink("/etc", root / "abs")
+    store = LocalStore(tmp_path / "store", fsync=False)
+    image_id, _ = write_image(store, import_rootfs(root))
+    index = load_index(store, image_id)
+    names = [("l", "/a"), ("d", "/"), ("l", "/a/b/missing"), ("d", "/a/b"), ("l", "/rel/f"),
+             ("l", "/abs/shadow"), ("d", "/abs"), ("l", "/a/../../x"), ("l", "/a/f/under-a-file"),
+             ("d", "/a/f"), ("l", "/nodir/x"), ("l", "//a//f"), ("l", "/" + "a/" * 3000 + "x"), ("l", "/a/..")]
+    assert warm.plan(index, names) == [("l", b"a"), ("d", b"."), ("l", b"a/b/missing"), ("d", b"a/b")]
+
+
+def test_a_profile_s_names_are_warmed_in_the_kernel_before_the_container_asks(tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    """Record the names a start-up looked up and listed; a mount with that profile asks them
+    itself, so the same start-up on it then makes no lookup or readdir the daemon has to answer."""
+    store, image_id = _image(tmp_path)
+    url = f"file://{tmp_path}/store"
+
+    def startup(mnt: Path) -> None:
+        sorted(os.listdir(mnt / "bin"))
+        for name in ("etc/passwd", "etc/missing", "bin/sh", "a"):
+            os.path.lexists(mnt / name)
+
+    first = mounter.mount(url, image_id, cache_dir=tmp_path / "cache1")
+    startup(Path(first.mountpoint))
+    prof = profiles.from_trace(image_id, mounts.read_trace(first.mountpoint))
+    mounter.unmount(first)
+    assert ("d", "/bin") in prof.names and ("l", "/etc/missing") in prof.names
+    digest = profiles.save(store, prof, None)
+    info = mounter.mount(url, image_id, profile=digest, cache_dir=tmp_path / "cache2")
+    stats = lambda: mounts.read_stats(info.mountpoint)  # noqa: E731
+    _wait(lambda: stats()["names"]["done"] == len(prof.names) and not stats()["names"]["running"])
+    before = stats()["fuse"]["ops"]
+    subprocess.run([sys.executable, "-c", f"import os; m = {info.mountpoint!r}; os.listdir(m + '/bin');"
+                    "[os.path.lexists(m + '/' + n) for n in ('etc/passwd', 'etc/missing', 'bin/sh', 'a')]"],
+                   check=True, timeout=60)  # another process, as a container would be
+    after = stats()["fuse"]["ops"]
+    for op in ("lookup", "readdir"):
+        assert after[op]["count"] == before[op]["count"], op
+    human = subprocess.run([sys.executable, "-m", "tools.cli", "stats", info.mountpoint],
+                           capture_output=True, text=True, timeout=60).stdout
+    assert f"names     {len(prof.names)} of the profile's {len(prof.names)} looked up or listed ahead" in human

@@ -133,6 +133,10 @@ def _print_stats(s: dict[str, Any]) -> None:
     if f.get("pack_segments") or f.get("pack_dropped"):
         print(f"pack      {f['pack_segments']} read-set segments, {f['pack_reads']} reads served from them, "
               f"{f['pack_dropped']} dropped")
+    names = s.get("names") or {}
+    if names.get("total"):
+        state = "running" if names["running"] else f"in {names['seconds']:.3f} s"
+        print(f"names     {names['done']} of the profile's {names['total']} looked up or listed ahead, {state}")
     print(f"read      {human_bytes(s['fuse']['read_bytes'])} served, trace {s['trace']['events']} events")
     cpu = s.get("cpu", {})
     if "process_s" in cpu:

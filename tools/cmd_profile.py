@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def summary(prof: profiles.Profile, digest: str) -> dict[str, object]:
     return {"profile": digest, "image": prof.image, "chunks": len(prof.chunks), "bytes": prof.bytes,
             "files": prof.files, "ready_s": prof.ready_s, "command": prof.command,
-            "pack_segments": len(prof.pack), "pack_bytes": prof.pack_bytes}
+            "pack_segments": len(prof.pack), "pack_bytes": prof.pack_bytes, "names": len(prof.names)}
 
 
 def _pack_words(prof: profiles.Profile) -> str:
@@ -46,7 +46,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     doc = summary(rec.profile, rec.digest)
     emit(args, doc, lambda: print(f"profile {rec.digest[:16]} for {options.image}: {len(rec.profile.chunks)} chunks, "
                                   f"{human_bytes(rec.profile.bytes)}, {rec.profile.files} files, "
-                                  f"{_pack_words(rec.profile)}"))
+                                  f"{len(rec.profile.names)} names, {_pack_words(rec.profile)}"))
     return 0 if rec.result.ready or rec.result.exit_code == 0 else rec.result.exit_code
 
 
@@ -60,6 +60,6 @@ def cmd_show(args: argparse.Namespace) -> int:
     prof = profiles.load(store, digest)
     doc = {**summary(prof, digest), "chunk_list": prof.chunks}
     emit(args, doc, lambda: print(f"profile {digest[:16]}: {len(prof.chunks)} chunks, {human_bytes(prof.bytes)}, "
-                                  f"{prof.files} files, {_pack_words(prof)}, recorded from "
+                                  f"{prof.files} files, {len(prof.names)} names, {_pack_words(prof)}, recorded from "
                                   f"{' '.join(prof.command) or 'the image command'}"))
     return 0

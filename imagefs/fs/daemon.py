@@ -24,7 +24,7 @@ import trio
 
 from imagefs import profile as profiles
 from imagefs.errors import ImageFSError
-from imagefs.fs import control
+from imagefs.fs import control, warm
 from imagefs.fs.cache import DEFAULT_MEMORY_SIZE, DEFAULT_SIZE, HostCache, MemoryCache
 from imagefs.fs.fetcher import ChunkFetcher, FetchLimits
 from imagefs.fs.fuse_ops import FuseOps, default_poll_us, mount_options, set_polling
@@ -66,6 +66,8 @@ class DaemonConfig:
     # decoding needs the CPU more.
     poll_us: int = field(default_factory=default_poll_us)
     profile: str = ""  # digest of a start-up profile to prefetch after the mount is ready
+    # Replay the profile's lookups and listings through the mount once it is ready (imagefs.fs.warm).
+    warm_names: bool = True
     # Without a profile: the command a container will run (argv, PATH, cwd), from which the
     # start-up working set is guessed and prefetched (imagefs.guess); empty argv: no guess.
     guess_argv: list[str] = field(default_factory=list)
@@ -122,6 +124,7 @@ class Daemon:
         # (a runner reads /etc/passwd of the image a few ms after the mount is ready).
         self._profile = _Loading(profiles.load, self.store, config.profile) if config.profile else None
         self._profile_queued = False
+        self.warm_stats = warm.WarmStats()
         self.index = load_index(self.store, config.image_id, config.cache_dir)  # host copy first
         self.startup.mark("index")
         self.disk = HostCache(config.cache_dir, config.cache_size)
@@ -196,6 +199,8 @@ class Daemon:
         if self._profile is not None:
             if not self._profile_queued:
                 nursery.start_soon(self._replay_profile, name="prefetch-profile")
+            if self.config.warm_names:
+                nursery.start_soon(self._warm_names, self._profile, name="warm-names")
         elif self.config.learned and self._prefetch_learned():
             return
         elif self.config.guess_argv:
@@ -229,6 +234,23 @@ class Daemon:
         assert self._profile is not None
         await trio.to_thread.run_sync(self._profile.wait, None)
         self._queue_profile(self._profile)
+
+    async def _warm_names(self, loading: "_Loading") -> None:
+        """Look up and list what the profile's start-up did, so that the kernel has the answers
+        before the container asks (imagefs.fs.warm); stops on unmount."""
+        await trio.to_thread.run_sync(loading.wait, None)
+        if loading.error is not None or not loading.result.names:
+            return
+        names = loading.result.names
+        self.warm_stats.total = len(names)
+        entries = warm.plan(self.index, names)
+        self.warm_stats.planned = len(entries)
+        if len(entries) < len(names):
+            log.warning("profile names %d paths that image %s does not resolve safely; skipping them",
+                        len(names) - len(entries), self.config.image_id)
+        await warm.replay(self.config.mountpoint, entries, self.warm_stats)
+        log.info("looked up or listed %d of the profile's %d names in %.3f s", self.warm_stats.done,
+                 len(names), self.warm_stats.seconds)
 
     def _queue_profile(self, loading: "_Loading") -> None:
         """Queue the profile's read-set pack (else its chunks) for prefetch, in order; demand
@@ -286,6 +308,7 @@ class Daemon:
                 "uptime_s": round(time.time() - self.started, 3), "fetch": self.fetcher.stats(),
                 "fuse": {**self.ops.metrics.as_dict(), "polling_us": self.polling_us},
                 "trace": {"events": len(self.trace), "truncated": self.trace.truncated},
+                "names": self.warm_stats.as_dict(),
                 "cpu": self.cpu_times()}
 
     def cpu_times(self) -> dict[str, float]:

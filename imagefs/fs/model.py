@@ -164,6 +164,8 @@ class ImageFS:
         if name == b"..":
             return self.index.parent_of.get(parent, parent)
         ino = self.index.children[parent].get(name)
+        if self.trace is not None:
+            self.trace.lookup(parent, name)
         if ino is None:
             raise NoEntry(f"no {name!r} in directory {parent}")
         return ino
@@ -184,6 +186,8 @@ class ImageFS:
         if listing is None:
             self._dir(ino)
             listing = self._listings[ino] = list(self.index.children[ino].items())
+        if start == 0 and self.trace is not None:
+            self.trace.listing(ino)
         for pos in range(start, len(listing)):
             name, child = listing[pos]
             yield name, child, pos + 1

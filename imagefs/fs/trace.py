@@ -1,5 +1,7 @@
 """The access trace of a mount: which files and chunks were first touched, in order, and which
-byte ranges of each chunk were read.
+byte ranges of each chunk were read; also which names the kernel looked up (found or not) and
+which directories it listed, in order: the kernel asks each only once, as its caches keep the
+answers (entry and listing timeouts are long), so these are the round trips a start-up waits for.
 
 Recording is a set lookup and, the first time only, a tuple appended to a list; the ranges read
 of a chunk grow in place while reads go on from where the last one ended. It stays on. Paths and
@@ -18,18 +20,25 @@ SPAN_GAP = 32 * 1024  # ranges of a chunk closer than this are kept as one
 # Ranges kept in all (about 150 bytes each): a start-up needs a few hundred (`import torch`: 350);
 # a long-lived random reader would otherwise grow the list for as long as it runs.
 SPAN_LIMIT = 100_000
+# Names kept (lookups and listings): `import torch` makes about 2,000; a process that looks up
+# ever new names (say, probing for files that do not exist) stops growing the trace here.
+NAME_LIMIT = 100_000
 
 FILE = "file"
 CHUNK = "chunk"
+LOOKUP = "lookup"  # inode: the directory; the name is kept aside (AccessTrace.names)
+LIST = "list"  # inode: the directory listed
 
 
 class AccessTrace:
-    """First touches of inodes (on open) and chunks (on read), with monotonic timestamps."""
+    """First touches of inodes (on open), chunks (on read) and names (on lookup and listing),
+    with monotonic timestamps."""
 
     def __init__(self, limit: int = DEFAULT_LIMIT, clock: Any = time.monotonic_ns,
-                 span_limit: int = SPAN_LIMIT) -> None:
+                 span_limit: int = SPAN_LIMIT, name_limit: int = NAME_LIMIT) -> None:
         self.limit = limit
         self.span_limit = span_limit
+        self.name_limit = name_limit
         self.truncated = False
         self._clock = clock
         self._start = clock()
@@ -37,7 +46,11 @@ class AccessTrace:
         self._chunks: set[int] = set()
         self._spans: dict[int, list[list[int]]] = {}  # chunk -> [start, end) ranges read, in read order
         self._span_count = 0
-        # (nanoseconds since start, kind, inode, chunk number or -1, file offset or -1)
+        self._looked_up: set[tuple[int, bytes]] = set()
+        self._listed: set[int] = set()
+        self.names: list[bytes] = []  # the names of LOOKUP events, which hold their position here
+        # (nanoseconds since start, kind, inode, chunk number or -1 (LOOKUP: position in names),
+        # file offset or -1)
         self.events: list[tuple[int, str, int, int, int]] = []
 
     def file(self, ino: int) -> None:
@@ -63,15 +76,38 @@ class AccessTrace:
         else:
             self.truncated = True
 
+    def lookup(self, parent: int, name: bytes) -> None:
+        """The kernel asked for name in directory parent (whether or not it exists)."""
+        key = (parent, name)
+        if key in self._looked_up:
+            return
+        if len(self._looked_up) + len(self._listed) >= self.name_limit:
+            self.truncated = True
+            return
+        self._looked_up.add(key)
+        if self._add(LOOKUP, parent, len(self.names), -1):
+            self.names.append(name)
+
+    def listing(self, ino: int) -> None:
+        """The kernel read directory ino from its start."""
+        if ino in self._listed:
+            return
+        if len(self._looked_up) + len(self._listed) >= self.name_limit:
+            self.truncated = True
+            return
+        self._listed.add(ino)
+        self._add(LIST, ino, -1, -1)
+
     def spans(self, chunk: int) -> list[tuple[int, int]]:
         """The ranges read of a chunk as sorted, merged (offset, length) pairs."""
         return merge_spans((a, b - a) for a, b in self._spans.get(chunk, ()))
 
-    def _add(self, kind: str, ino: int, chunk: int, offset: int) -> None:
+    def _add(self, kind: str, ino: int, chunk: int, offset: int) -> bool:
         if len(self.events) >= self.limit:
             self.truncated = True
-            return
+            return False
         self.events.append((self._clock() - self._start, kind, ino, chunk, offset))
+        return True
 
     def __len__(self) -> int:
         return len(self.events)
@@ -86,6 +122,8 @@ class AccessTrace:
             if kind == CHUNK:
                 doc.update(chunk=index.chunks[chunk], size=index.chunk_sizes[chunk], offset=offset,
                            spans=self.spans(chunk))
+            elif kind == LOOKUP:  # the path looked up; "ino" stays the directory's
+                doc["path"] = name_path(paths.get(ino, b""), self.names[chunk]).decode("utf-8", "surrogateescape")
             out.append(doc)
         return out
 
@@ -101,6 +139,10 @@ def paths_by_inode(index: ImageIndex, wanted: set[int]) -> dict[int, bytes]:
             if len(found) == len(wanted):
                 break
     return found
+
+
+def name_path(directory: bytes, name: bytes) -> bytes:
+    return directory.rstrip(b"/") + b"/" + name
 
 
 def merge_spans(spans: Iterable[tuple[int, int]], gap: int = SPAN_GAP) -> list[tuple[int, int]]:

@@ -1,0 +1,103 @@
+"""Warming the kernel's name caches from a start-up profile.
+
+A start-up waits for each name it looks up and each directory it lists for the first time: the
+kernel asks the daemon, which answers in tens of microseconds, but the round trip (two context
+switches, a wake-up on a busy host) costs the container a hundred or more. `import torch` makes
+about 1,900 lookups (a third of them for names that do not exist) and lists about 140 directories.
+The answers never change (the image is immutable) and the kernel keeps them (long entry timeouts,
+negative entries too, cached listings), so the daemon can ask them itself, in profile order, from
+a thread, as soon as the mount is up: the container, which starts a few hundred milliseconds later
+and runs its own code between lookups, then finds them in the kernel's caches.
+
+plan() is pure: it keeps the entries whose directory part the image resolves through directories
+alone, so that the kernel's walk of the path never follows a symlink (which could lead out of the
+mount), and drops the rest (a profile recorded on another image, or a hostile one). replay() has
+warm_worker.py make the system calls.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import trio
+
+from imagefs.index import ROOT_INO, ImageIndex
+from imagefs.profile import NAME_LIST, NAME_LOOKUP
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "warm_worker.py")
+STREAMS = 4
+PATH_MAX = 4096  # longer paths are not replayed (the kernel would refuse them anyway)
+
+
+@dataclass
+class WarmStats:
+    total: int = 0  # entries of the profile
+    planned: int = 0  # of those, the ones this image resolves safely
+    done: int = 0  # asked of the kernel (found or not)
+    seconds: float = 0.0
+    running: bool = False
+
+    def as_dict(self) -> dict[str, object]:
+        return {"total": self.total, "planned": self.planned, "done": self.done,
+                "seconds": round(self.seconds, 3), "running": self.running}
+
+
+def plan(index: ImageIndex, names: list[tuple[str, str]]) -> list[tuple[str, bytes]]:
+    """(kind, path relative to the image root) of each entry safe to replay, in order."""
+    dirs: dict[bytes, int | None] = {b"": ROOT_INO}  # relative path -> directory inode, or None
+    out: list[tuple[str, bytes]] = []
+
+    def dir_ino(rel: bytes) -> int | None:
+        """The inode of the directory rel resolves to through directories alone, else None."""
+        if rel in dirs:
+            return dirs[rel]
+        ino: int | None = ROOT_INO
+        prefix = b""
+        for part in rel.split(b"/"):
+            prefix = prefix + b"/" + part if prefix else part
+            if prefix not in dirs:
+                child = index.lookup(ino, part) if ino is not None and _plain_name(part) else None
+                dirs[prefix] = child if child is not None and index.inode(child).is_dir else None
+            ino = dirs[prefix]
+        return ino
+
+    for kind, path in names:
+        rel = path.encode("utf-8", "surrogateescape").strip(b"/")
+        if len(rel) > PATH_MAX:
+            continue
+        if kind == NAME_LIST:
+            if dir_ino(rel) is not None:
+                out.append((kind, rel or b"."))
+        elif kind == NAME_LOOKUP:
+            parent, _, last = rel.rpartition(b"/")
+            if _plain_name(last) and dir_ino(parent) is not None:
+                out.append((kind, rel))
+    return out
+
+
+def _plain_name(name: bytes) -> bool:
+    return name not in (b"", b".", b"..")
+
+
+async def replay(mountpoint: str, entries: list[tuple[str, bytes]], stats: WarmStats) -> None:
+    """Look up and list the entries through the mount, in order, in a process of its own (a
+    thread of the daemon would wait for the GIL between its system calls, which the event loop
+    holds while it serves them); stopped when the caller is cancelled (unmount)."""
+    start = time.monotonic()
+    stats.running = True
+    try:
+        done = await trio.run_process(
+            [sys.executable, "-I", "-S", WORKER, mountpoint, str(STREAMS)], stdin=encode(entries),
+            capture_stdout=True, stderr=subprocess.DEVNULL, check=False)
+        stats.done = int(done.stdout or 0) if done.returncode == 0 else 0
+    finally:
+        stats.seconds = time.monotonic() - start
+        stats.running = False
+
+
+def encode(entries: list[tuple[str, bytes]]) -> bytes:
+    """The worker's input: each entry as its kind (one byte), its path, a NUL."""
+    return b"".join(kind.encode() + rel + b"\0" for kind, rel in entries)
