@@ -16,6 +16,7 @@ of every profile it keeps.
 """
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
@@ -324,15 +325,19 @@ def learned_path(cache_dir: str, image_id: str) -> str:
 
 
 def learn(index: ImageIndex, image_id: str, events: Sequence[tuple[int, str, int, int, int]],
-          window_s: float = LEARN_WINDOW_S) -> Profile:
+          window_s: float = LEARN_WINDOW_S, names: Iterable[dict[str, Any]] = ()) -> Profile:
     """A profile from a mount's raw trace events (imagefs.fs.trace.AccessTrace.events), cut
-    window_s after the first of them; chunk numbers the index does not have are left out."""
+    window_s after the first of them; chunk numbers the index does not have are left out. names:
+    the trace's lookups and listings as dumped (AccessTrace.dump), kept in the same window."""
     start = events[0][0] if events else 0
     docs = ({"t": (t_ns - start) / 1e9, "kind": kind, "chunk": index.chunks[chunk], "size": index.chunk_sizes[chunk]}
             if kind == "chunk" else {"t": (t_ns - start) / 1e9, "kind": kind}
             for t_ns, kind, _ino, chunk, _off in events
             if kind == "file" or (kind == "chunk" and 0 <= chunk < len(index.chunks)))
-    return from_trace(image_id, docs, until=window_s, command=["(learned on this host)"])
+    shift = start / 1e9  # dumped times count from the trace's start, not from its first event
+    named = ({**doc, "t": float(doc["t"]) - shift} for doc in names)
+    merged = heapq.merge(docs, named, key=lambda doc: doc["t"])
+    return from_trace(image_id, merged, until=window_s, command=["(learned on this host)"])
 
 
 def save_learned(cache_dir: str, profile: Profile) -> None:

@@ -242,8 +242,10 @@ def test_learn_keeps_first_touch_order_within_the_window(tmp_path: Path) -> None
     s = 1_000_000_000
     events = [(0, "file", 5, -1, -1), (1, "chunk", 5, 2, 0), (2, "chunk", 5, 0, 0), (3, "chunk", 6, 2, 0),
               (int(59 * s), "chunk", 6, 1, 0), (int(61 * s), "chunk", 6, 3, 0), (int(62 * s), "chunk", 7, 999, 0)]
-    prof = profiles.learn(index, image_id, events)
+    names = [{"t": 5.0, "kind": "lookup", "ino": 1, "path": "/a"}, {"t": 70.0, "kind": "list", "ino": 1, "path": "/"}]
+    prof = profiles.learn(index, image_id, events, names=names)
     assert prof.chunks == [(index.chunks[c], index.chunk_sizes[c]) for c in (2, 0, 1)] and prof.files == 1
+    assert prof.names == [("l", "/a")]  # the listing came after the window
     profiles.save_learned(str(tmp_path / "cache"), prof)
     assert profiles.load_learned(str(tmp_path / "cache"), image_id) == prof
     assert profiles.load_learned(str(tmp_path / "cache"), "f" * 64) is None
@@ -261,9 +263,11 @@ def test_next_mount_on_the_host_prefetches_what_the_last_one_read(tmp_path: Path
     mounter.unmount(info)
     learned = profiles.load_learned(cache, image_id)
     assert learned is not None and set(_chunks_of(store, image_id, "/b")) <= {d for d, _ in learned.chunks}
+    assert ("l", "/b") in learned.names
     info = mounter.mount(url, image_id, cache_dir=cache)
     stats = lambda: mounts.read_stats(info.mountpoint)["fetch"]  # noqa: E731
     _wait(lambda: stats()["disk"]["hits"] >= len(learned.chunks))  # each checked in place
+    _wait(lambda: mounts.read_stats(info.mountpoint)["names"]["done"] == len(learned.names))  # and its names
     before = stats()["disk"]["part_reads"]
     assert (Path(info.mountpoint) / "b").read_bytes()
     s = stats()
@@ -314,6 +318,25 @@ def test_warm_plan_keeps_only_paths_through_real_directories(tmp_path: Path) -> 
              ("l", "/abs/shadow"), ("d", "/abs"), ("l", "/a/../../x"), ("l", "/a/f/under-a-file"),
              ("d", "/a/f"), ("l", "/nodir/x"), ("l", "//a//f"), ("l", "/" + "a/" * 3000 + "x"), ("l", "/a/..")]
     assert warm.plan(index, names) == [("l", b"a"), ("d", b"."), ("l", b"a/b/missing"), ("d", b"a/b")]
+
+
+def test_name_worker_does_every_entry_and_a_failed_one_is_an_error(tmp_path: Path) -> None:
+    import trio
+
+    from imagefs.fs import warm
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d/f").write_text("x")
+    entries = [("l", b"d"), ("d", b"d"), ("l", b"d/missing"), ("l", b"d/f"), ("d", b"."), ("d", b"nodir")]
+    stats = warm.WarmStats()
+    trio.run(warm.replay, str(tmp_path), entries, stats)
+    assert stats.done == len(entries) and not stats.running and stats.seconds > 0
+    try:
+        trio.run(warm.replay, str(tmp_path / "not-there"), entries, warm.WarmStats())
+    except ValueError as e:
+        assert "exited with status" in str(e)
+    else:
+        raise AssertionError("a worker that could not start reported success")
 
 
 def test_a_profile_s_names_are_warmed_in_the_kernel_before_the_container_asks(tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]

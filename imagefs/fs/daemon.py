@@ -30,7 +30,7 @@ from imagefs.fs.fetcher import ChunkFetcher, FetchLimits
 from imagefs.fs.fuse_ops import FuseOps, default_poll_us, mount_options, set_polling
 from imagefs.fs.model import ImageFS, ReadaheadPolicy
 from imagefs.fs.mounts import unescape_mount_path
-from imagefs.fs.trace import DEFAULT_LIMIT, AccessTrace
+from imagefs.fs.trace import DEFAULT_LIMIT, NAME_KINDS, AccessTrace
 from imagefs.guess import DEFAULT_BUDGET as DEFAULT_GUESS_BUDGET, DEFAULT_PATH as DEFAULT_GUESS_PATH
 from imagefs.guess import guess as guess_startup
 from imagefs.indexcache import load_index
@@ -171,7 +171,8 @@ class Daemon:
     def _save_learned(self) -> None:
         """Remember this mount's first-touch order for the next mount of the image on this host
         (not when it touched nothing: a mount used only for stats must not erase what was learned)."""
-        learned = profiles.learn(self.index, self.config.image_id, self.trace.events)
+        learned = profiles.learn(self.index, self.config.image_id, self.trace.events,
+                                 names=self.trace.dump(self.index, NAME_KINDS))
         if learned.chunks:
             profiles.save_learned(self.config.cache_dir, learned)
 
@@ -200,20 +201,23 @@ class Daemon:
             if not self._profile_queued:
                 nursery.start_soon(self._replay_profile, name="prefetch-profile")
             if self.config.warm_names:
-                nursery.start_soon(self._warm_names, self._profile, name="warm-names")
-        elif self.config.learned and self._prefetch_learned():
+                nursery.start_soon(self._warm_recorded, self._profile, name="warm-names")
+        elif self.config.learned and self._prefetch_learned(nursery):
             return
         elif self.config.guess_argv:
             nursery.start_soon(self._prefetch_guess, name="prefetch-guess")
 
-    def _prefetch_learned(self) -> bool:
-        """Queue what the last mount of this image on this host touched first, if it is known."""
+    def _prefetch_learned(self, nursery: trio.Nursery) -> bool:
+        """Queue what the last mount of this image on this host touched first, if it is known
+        (and look up its names ahead)."""
         learned = profiles.load_learned(self.config.cache_dir, self.config.image_id)
         if learned is None or not learned.chunks:
             return False
         chunks = profiles.chunks_to_prefetch(learned, self.index, self.config.image_id)
         self.fetcher.prefetch(chunks)
         log.info("prefetching %d chunks learned by an earlier mount on this host", len(chunks))
+        if learned.names and self.config.warm_names:
+            nursery.start_soon(self._warm_names, learned, name="warm-names")
         return True
 
     async def _prefetch_guess(self) -> None:
@@ -235,20 +239,27 @@ class Daemon:
         await trio.to_thread.run_sync(self._profile.wait, None)
         self._queue_profile(self._profile)
 
-    async def _warm_names(self, loading: "_Loading") -> None:
+    async def _warm_recorded(self, loading: "_Loading") -> None:
+        """The recorded profile's names, once it has loaded (its errors are _queue_profile's)."""
+        await trio.to_thread.run_sync(loading.wait, None)
+        if loading.error is None and loading.result.names:
+            await self._warm_names(loading.result)
+
+    async def _warm_names(self, prof: profiles.Profile) -> None:
         """Look up and list what the profile's start-up did, so that the kernel has the answers
         before the container asks (imagefs.fs.warm); stops on unmount."""
-        await trio.to_thread.run_sync(loading.wait, None)
-        if loading.error is not None or not loading.result.names:
-            return
-        names = loading.result.names
+        names = prof.names
         self.warm_stats.total = len(names)
         entries = warm.plan(self.index, names)
         self.warm_stats.planned = len(entries)
         if len(entries) < len(names):
             log.warning("profile names %d paths that image %s does not resolve safely; skipping them",
                         len(names) - len(entries), self.config.image_id)
-        await warm.replay(self.config.mountpoint, entries, self.warm_stats)
+        try:
+            await warm.replay(self.config.mountpoint, entries, self.warm_stats)
+        except (OSError, ValueError) as e:  # an optimisation: its failure must not take the mount down
+            log.warning("could not look up the profile's names ahead: %s", e)
+            return
         log.info("looked up or listed %d of the profile's %d names in %.3f s", self.warm_stats.done,
                  len(names), self.warm_stats.seconds)
 

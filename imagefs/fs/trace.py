@@ -28,6 +28,7 @@ FILE = "file"
 CHUNK = "chunk"
 LOOKUP = "lookup"  # inode: the directory; the name is kept aside (AccessTrace.names)
 LIST = "list"  # inode: the directory listed
+NAME_KINDS = frozenset({LOOKUP, LIST})
 
 
 class AccessTrace:
@@ -112,11 +113,12 @@ class AccessTrace:
     def __len__(self) -> int:
         return len(self.events)
 
-    def dump(self, index: ImageIndex) -> list[dict[str, Any]]:
-        """The events as JSON-ready dicts with paths and chunk digests."""
-        paths = paths_by_inode(index, {e[2] for e in self.events})
+    def dump(self, index: ImageIndex, kinds: frozenset[str] | None = None) -> list[dict[str, Any]]:
+        """The events (of these kinds, else all) as JSON-ready dicts with paths and chunk digests."""
+        events = self.events if kinds is None else [e for e in self.events if e[1] in kinds]
+        paths = paths_by_inode(index, {e[2] for e in events})
         out: list[dict[str, Any]] = []
-        for t_ns, kind, ino, chunk, offset in self.events:
+        for t_ns, kind, ino, chunk, offset in events:
             doc: dict[str, Any] = {"t": t_ns / 1e9, "kind": kind, "ino": ino,
                                    "path": paths.get(ino, b"").decode("utf-8", "surrogateescape")}
             if kind == CHUNK:

@@ -92,7 +92,9 @@ async def replay(mountpoint: str, entries: list[tuple[str, bytes]], stats: WarmS
         done = await trio.run_process(
             [sys.executable, "-I", "-S", WORKER, mountpoint, str(STREAMS)], stdin=encode(entries),
             capture_stdout=True, stderr=subprocess.DEVNULL, check=False)
-        stats.done = int(done.stdout or 0) if done.returncode == 0 else 0
+        if done.returncode != 0:
+            raise ValueError(f"the name worker exited with status {done.returncode}")
+        stats.done = int(done.stdout)
     finally:
         stats.seconds = time.monotonic() - start
         stats.running = False
