@@ -369,3 +369,18 @@ def test_a_profile_s_names_are_warmed_in_the_kernel_before_the_container_asks(tm
     human = subprocess.run([sys.executable, "-m", "tools.cli", "stats", info.mountpoint],
                            capture_output=True, text=True, timeout=60).stdout
     assert f"names     {len(prof.names)} of the profile's {len(prof.names)} looked up or listed ahead" in human
+
+
+def test_unmount_stops_the_name_worker(tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    store, image_id = _image(tmp_path)
+    names = [("l", f"/etc/absent-{i}") for i in range(50_000)]
+    digest = profiles.save(store, profiles.Profile(image_id, [], names=names), None)
+    info = mounter.mount(f"file://{tmp_path}/store", image_id, profile=digest)
+    _wait(lambda: mounts.read_stats(info.mountpoint)["names"]["running"])
+    worker = subprocess.run(["pgrep", "-f", f"warm_worker.py {info.mountpoint}"], capture_output=True, text=True)
+    assert worker.stdout.strip(), "no name worker running"
+    t = time.monotonic()
+    mounter.unmount(info)
+    assert time.monotonic() - t < 5 and not mounts.daemon_alive(info.pid)
+    _wait(lambda: not subprocess.run(["pgrep", "-f", f"warm_worker.py {info.mountpoint}"],
+                                     capture_output=True).stdout, timeout=5)
