@@ -384,3 +384,123 @@ def test_unmount_stops_the_name_worker(tmp_path: Path, mounter) -> None:  # type
     assert time.monotonic() - t < 5 and not mounts.daemon_alive(info.pid)
     _wait(lambda: not subprocess.run(["pgrep", "-f", f"warm_worker.py {info.mountpoint}"],
                                      capture_output=True).stdout, timeout=5)
+
+
+# -- the pack pushed into the page cache ------------------------------------------------------------
+def test_push_plan_maps_pack_parts_to_page_aligned_runs_of_the_profile_s_files(tmp_path: Path) -> None:
+    from imagefs.fs import push
+
+    root = tmp_path / "root"
+    (root / "d").mkdir(parents=True)
+    rng = random.Random(5)
+    (root / "d/big").write_bytes(rng.randbytes(3 * MB + 1000))  # its last page is short
+    (root / "d/copy").write_bytes((root / "d/big").read_bytes())  # the same chunks, another file
+    (root / "small").write_bytes(b"s" * 100)
+    store = LocalStore(tmp_path / "store", fsync=False)
+    image_id, _ = write_image(store, import_rootfs(root))
+    index = load_index(store, image_id)
+    big = index.inode(index.resolve("/d/big"))
+    ext = big.extents or []
+    pieces = [(index.chunks[ext[i]], ext[i + 1], ext[i + 2]) for i in range(0, len(ext), 3)]
+    # Two segments: the file's first 100,000 bytes and then the rest (split inside a page).
+    first_chunk, first_off, first_len = pieces[0]
+    seg1 = ("1" * 64, 100_000, [(first_chunk, first_off, 100_000, 0)])
+    rest = [(first_chunk, first_off + 100_000, first_len - 100_000, 0)] + [(c, o, n, 0) for c, o, n in pieces[1:]]
+    seg2 = ("2" * 64, big.size - 100_000, rest)
+    names = [("d", "/d"), ("l", "/d/big"), ("l", "/missing"), ("l", "/d")]
+    plan = push.plan(index, names, [seg1, seg2])  # type: ignore[list-item]
+    assert [s for s, _ in plan] == ["1" * 64, "2" * 64]
+    (r1,), runs2 = plan[0][1], plan[1][1]
+    big_ino = index.resolve("/d/big")
+    assert (r1.ino, r1.start, r1.length) == (big_ino, 0, 100_000 // 4096 * 4096)
+    assert len(runs2) == 1 and runs2[0].start == -(-100_000 // 4096) * 4096
+    assert runs2[0].start + runs2[0].length == big.size  # the short last page is pushed
+    data = (root / "d/big").read_bytes()
+    for run in (r1, runs2[0]):
+        got = b"".join(_chunk_bytes(store, c)[o:o + n] for c, o, n in run.pieces)
+        assert got == data[run.start:run.start + run.length]
+    # Files not among the names get nothing, though they share the chunks.
+    assert all(r.ino == big_ino for _, runs in plan for r in runs)
+
+
+def _chunk_bytes(store: LocalStore, digest: str) -> bytes:
+    from imagefs import chunks as blobs
+
+    return blobs.decode(store.get(blobs.chunk_key(digest)), digest)
+
+
+def test_store_runs_hands_unknown_inodes_back_and_counts_the_rest() -> None:
+    import errno
+
+    from imagefs.fs import push
+
+    calls = []
+
+    def notify(ino: int, off: int, data: bytes) -> None:
+        if ino == 7:
+            raise OSError(errno.ENOENT, "not known")
+        calls.append((ino, off, data))
+
+    runs = [push.Run(5, 0, (("a" * 64, 0, 3), ("b" * 64, 0, 2))), push.Run(7, 4096, (("a" * 64, 0, 3),))]
+    stats = push.PushStats()
+    later = push.store_runs([(runs[0], [b"abc", b"de"]), (runs[1], [b"xyz"])], notify, stats, push.Gate())
+    assert calls == [(5, 0, b"abcde")] and later == [runs[1]] and (stats.runs, stats.bytes) == (1, 5)
+
+    def broken(ino: int, off: int, data: bytes) -> None:
+        raise OSError(errno.ENOSYS, "no notify_store")
+
+    try:
+        push.store_runs([(runs[0], [b"abc", b"de"])], broken, stats, push.Gate())
+    except OSError as e:
+        assert e.errno == errno.ENOSYS
+    else:
+        raise AssertionError("ENOSYS was swallowed")
+    gate = push.Gate()
+    assert gate.close(timeout=0.1)
+    assert push.store_runs([(runs[0], [b"abc", b"de"])], notify, stats, gate) == [] and len(calls) == 1
+
+
+def test_a_profile_s_pack_is_pushed_into_the_page_cache(tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]
+    """Record a start-up that reads part of /c and all of /a; a mount with that profile hands the
+    pack to the kernel as it arrives, so the same reads in another process then reach the daemon
+    for no more than the few pages at the pack's edges, and return the right bytes."""
+    store, image_id = _image(tmp_path)
+    url = f"file://{tmp_path}/store"
+    src = {n: _file_bytes(store, image_id, "/" + n) for n in ("a", "c")}
+
+    def startup(mnt: Path) -> bytes:
+        with open(mnt / "c", "rb") as f:
+            f.seek(3 * MB)
+            part = f.read(2 * MB)
+        return part + (mnt / "a").read_bytes()
+
+    first = mounter.mount(url, image_id, cache_dir=tmp_path / "cache1")
+    want = startup(Path(first.mountpoint))
+    assert want == src["c"][3 * MB:5 * MB] + src["a"]
+    prof = profiles.from_trace(image_id, mounts.read_trace(first.mountpoint))
+    mounter.unmount(first)
+    digest = profiles.save(store, prof, None)
+    info = mounter.mount(url, image_id, profile=digest, cache_dir=tmp_path / "cache2")
+    stats = lambda: mounts.read_stats(info.mountpoint)  # noqa: E731
+    _wait(lambda: stats()["pushed"]["runs"] > 0 and not stats()["pushed"]["running"])
+    s = stats()
+    assert s["pushed"]["bytes"] >= 12 * MB - 8 * 4096 and s["pushed"]["dropped"] == 0
+    before = s["fuse"]["read_bytes"]
+    out = subprocess.run([sys.executable, "-c", f"import sys; m = {info.mountpoint!r}\n"
+                          "f = open(m + '/c', 'rb'); f.seek(3 << 20); part = f.read(2 << 20)\n"
+                          "sys.stdout.buffer.write(part + open(m + '/a', 'rb').read())"],
+                         capture_output=True, check=True, timeout=60).stdout
+    assert out == want
+    assert stats()["fuse"]["read_bytes"] - before <= 64 * 4096  # only pages at the pack's edges
+    # The rest of the file is right too (what was not pushed is read as usual).
+    assert (Path(info.mountpoint) / "c").read_bytes() == src["c"]
+    human = subprocess.run([sys.executable, "-m", "tools.cli", "stats", info.mountpoint],
+                           capture_output=True, text=True, timeout=60).stdout
+    assert "pushed    " in human
+
+
+def _file_bytes(store: LocalStore, image_id: str, path: str) -> bytes:
+    index = load_index(store, image_id)
+    ext = index.inode(index.resolve(path)).extents or []
+    return b"".join(_chunk_bytes(store, index.chunks[ext[i]])[ext[i + 1]:ext[i + 1] + ext[i + 2]]
+                    for i in range(0, len(ext), 3))

@@ -137,6 +137,11 @@ def _print_stats(s: dict[str, Any]) -> None:
     if names.get("total"):
         state = "running" if names["running"] else f"in {names['seconds']:.3f} s"
         print(f"names     {names['done']} of the profile's {names['total']} looked up or listed ahead, {state}")
+    pushed = s.get("pushed") or {}
+    if pushed.get("runs") or pushed.get("running"):
+        state = "running" if pushed["running"] else f"in {pushed['seconds']:.3f} s"
+        print(f"pushed    {human_bytes(pushed['bytes'])} of the pack into the page cache in "
+              f"{pushed['runs']} runs, {state}")
     print(f"read      {human_bytes(s['fuse']['read_bytes'])} served, trace {s['trace']['events']} events")
     cpu = s.get("cpu", {})
     if "process_s" in cpu:

@@ -24,7 +24,7 @@ import trio
 
 from imagefs import profile as profiles
 from imagefs.errors import ImageFSError
-from imagefs.fs import control, warm
+from imagefs.fs import control, push, warm
 from imagefs.fs.cache import DEFAULT_MEMORY_SIZE, DEFAULT_SIZE, HostCache, MemoryCache
 from imagefs.fs.fetcher import ChunkFetcher, FetchLimits
 from imagefs.fs.fuse_ops import FuseOps, default_poll_us, mount_options, set_polling
@@ -68,6 +68,8 @@ class DaemonConfig:
     profile: str = ""  # digest of a start-up profile to prefetch after the mount is ready
     # Replay the profile's lookups and listings through the mount once it is ready (imagefs.fs.warm).
     warm_names: bool = True
+    # Hand the profile's read-set pack to the kernel's page cache as it arrives (imagefs.fs.push).
+    push_pages: bool = True
     # Without a profile: the command a container will run (argv, PATH, cwd), from which the
     # start-up working set is guessed and prefetched (imagefs.guess); empty argv: no guess.
     guess_argv: list[str] = field(default_factory=list)
@@ -125,6 +127,8 @@ class Daemon:
         self._profile = _Loading(profiles.load, self.store, config.profile) if config.profile else None
         self._profile_queued = False
         self.warm_stats = warm.WarmStats()
+        self.push_stats = push.PushStats()
+        self._push_gate = push.Gate()
         self.index = load_index(self.store, config.image_id, config.cache_dir)  # host copy first
         self.startup.mark("index")
         self.disk = HostCache(config.cache_dir, config.cache_size)
@@ -155,6 +159,8 @@ class Daemon:
         try:
             trio.run(self._main, ready, {"cached_chunks": cached, "total_chunks": total})
         finally:
+            if not self._push_gate.close(timeout=1.0):
+                log.warning("a push into the page cache is still waiting for a page; closing anyway")
             # After a signal we unmount ourselves; after an external umount the mountpoint may
             # already hold a new mount that must not be touched.
             pyfuse3.close(unmount=self.signalled)
@@ -202,6 +208,8 @@ class Daemon:
                 nursery.start_soon(self._replay_profile, name="prefetch-profile")
             if self.config.warm_names:
                 nursery.start_soon(self._warm_recorded, self._profile, name="warm-names")
+            if self.config.push_pages:
+                nursery.start_soon(self._push_recorded, self._profile, name="push-pages")
         elif self.config.learned and self._prefetch_learned(nursery):
             return
         elif self.config.guess_argv:
@@ -263,6 +271,51 @@ class Daemon:
         log.info("looked up or listed %d of the profile's %d names in %.3f s", self.warm_stats.done,
                  len(names), self.warm_stats.seconds)
 
+    async def _push_recorded(self, loading: "_Loading") -> None:
+        """Push the recorded profile's pack into the page cache, segment by segment as each
+        arrives, for the files its names hold (imagefs.fs.push); stops on unmount."""
+        await trio.to_thread.run_sync(loading.wait, None)
+        if loading.error is not None or not loading.result.pack or not loading.result.names:
+            return
+        prof, stats = loading.result, self.push_stats
+        segments = profiles.pack_to_prefetch(prof, self.index, self.config.image_id)
+        start = time.monotonic()
+        stats.running = True
+        try:
+            later: list[push.Run] = []
+            for seg, runs in push.plan(self.index, prof.names, segments):
+                if await self._segment_arrived(seg):
+                    later += await self._push_runs(runs)
+            while self.warm_stats.running or (self.warm_stats.total and not self.warm_stats.seconds):
+                await trio.sleep(0.01)  # the kernel knows the files once the names are looked up
+            stats.not_known = len(later)
+            stats.dropped = len(await self._push_runs(later))
+        except OSError as e:  # e.g. a kernel without notify_store: the reads will simply come
+            log.info("stopped pushing the pack into the page cache: %s", e)
+        finally:
+            stats.seconds = time.monotonic() - start
+            stats.running = False
+        log.info("pushed %d runs (%d bytes) of the pack into the page cache in %.3f s", stats.runs,
+                 stats.bytes, stats.seconds)
+
+    async def _segment_arrived(self, seg: str) -> bool:
+        while not self.fetcher.holds(seg):  # type: ignore[arg-type]
+            if not self.fetcher.expects(seg):  # type: ignore[arg-type]
+                return False  # its load failed (logged by the fetcher)
+            await trio.sleep(0.002)
+        return True
+
+    async def _push_runs(self, runs: list[push.Run]) -> list[push.Run]:
+        items = []
+        for run in runs:
+            views = [self.fetcher.peek_range(c, o, n) for c, o, n in run.pieces]
+            if all(v is not None for v in views):
+                items.append((run, views))
+        if not items:
+            return []
+        return await trio.to_thread.run_sync(push.store_runs, items, pyfuse3.notify_store,
+                                             self.push_stats, self._push_gate, abandon_on_cancel=True)
+
     def _queue_profile(self, loading: "_Loading") -> None:
         """Queue the profile's read-set pack (else its chunks) for prefetch, in order; demand
         reads keep priority."""
@@ -319,7 +372,7 @@ class Daemon:
                 "uptime_s": round(time.time() - self.started, 3), "fetch": self.fetcher.stats(),
                 "fuse": {**self.ops.metrics.as_dict(), "polling_us": self.polling_us},
                 "trace": {"events": len(self.trace), "truncated": self.trace.truncated},
-                "names": self.warm_stats.as_dict(),
+                "names": self.warm_stats.as_dict(), "pushed": self.push_stats.as_dict(),
                 "cpu": self.cpu_times()}
 
     def cpu_times(self) -> dict[str, float]:

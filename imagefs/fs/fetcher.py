@@ -423,6 +423,14 @@ class ChunkFetcher:
             log.warning("host cache: cannot read chunk %s: %s", digest, e)
             return False
 
+    def holds(self, digest: Digest) -> bool:
+        """Whether the content can be had without waiting (see _at_hand)."""
+        return self._at_hand(digest)
+
+    def expects(self, digest: Digest) -> bool:
+        """Whether a load of it is queued or in flight."""
+        return digest in self._queued or digest in self._inflight
+
     def _at_hand(self, digest: Digest) -> bool:
         """In memory, or a host-cache file this process has verified."""
         return (digest in self.memory or digest in self._deferred
