@@ -444,7 +444,7 @@ def test_store_runs_hands_unknown_inodes_back_and_counts_the_rest() -> None:
     runs = [push.Run(5, 0, (("a" * 64, 0, 3), ("b" * 64, 0, 2))), push.Run(7, 4096, (("a" * 64, 0, 3),))]
     stats = push.PushStats()
     later = push.store_runs([(runs[0], [b"abc", b"de"]), (runs[1], [b"xyz"])], notify, stats, push.Gate())
-    assert calls == [(5, 0, b"abcde")] and later == [runs[1]] and (stats.runs, stats.bytes) == (1, 5)
+    assert calls == [(5, 0, b"abcde")] and later == [(runs[1], [b"xyz"])] and (stats.runs, stats.bytes) == (1, 5)
 
     def broken(ino: int, off: int, data: bytes) -> None:
         raise OSError(errno.ENOSYS, "no notify_store")

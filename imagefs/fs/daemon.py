@@ -282,14 +282,17 @@ class Daemon:
         start = time.monotonic()
         stats.running = True
         try:
-            later: list[push.Run] = []
+            later: list[tuple[push.Run, list[bytes]]] = []  # files the kernel did not know yet
             for seg, runs in push.plan(self.index, prof.names, segments):
                 if await self._segment_arrived(seg):
-                    later += await self._push_runs(runs)
+                    if later:  # the name worker may have looked them up meanwhile
+                        later = await self._store(later)
+                    fresh = await self._store(self._run_views(runs))
+                    stats.not_known += len(fresh)
+                    later += fresh
             while self.warm_stats.running or (self.warm_stats.total and not self.warm_stats.seconds):
                 await trio.sleep(0.01)  # the kernel knows the files once the names are looked up
-            stats.not_known = len(later)
-            stats.dropped = len(await self._push_runs(later))
+            stats.dropped = len(await self._store(later))
         except OSError as e:  # e.g. a kernel without notify_store: the reads will simply come
             log.info("stopped pushing the pack into the page cache: %s", e)
         finally:
@@ -305,12 +308,16 @@ class Daemon:
             await trio.sleep(0.002)
         return True
 
-    async def _push_runs(self, runs: list[push.Run]) -> list[push.Run]:
+    def _run_views(self, runs: list[push.Run]) -> list[tuple[push.Run, list[Any]]]:
+        """Each run with the buffers of its pieces (runs with a piece not at hand are left out)."""
         items = []
         for run in runs:
-            views = [self.fetcher.peek_range(c, o, n) for c, o, n in run.pieces]
+            views = [self.fetcher.peek_range(c, o, n) for c, o, n in run.pieces]  # type: ignore[arg-type]
             if all(v is not None for v in views):
                 items.append((run, views))
+        return items
+
+    async def _store(self, items: list[Any]) -> list[tuple[push.Run, list[bytes]]]:
         if not items:
             return []
         return await trio.to_thread.run_sync(push.store_runs, items, pyfuse3.notify_store,

@@ -122,8 +122,8 @@ def _trim(ino: int, start: int, end: int, group: list[tuple[Digest, int, int]], 
 class PushStats:
     runs: int = 0
     bytes: int = 0
-    not_known: int = 0  # runs of files the kernel had not looked up yet (retried once)
-    dropped: int = 0  # of those, the ones it still did not know
+    not_known: int = 0  # runs of files the kernel had not looked up yet (tried again later)
+    dropped: int = 0  # of those, the ones it still did not know once the names were looked up
     seconds: float = 0.0
     running: bool = False
 
@@ -164,11 +164,11 @@ class Gate:
 
 
 def store_runs(items: Sequence[tuple[Run, Sequence[object]]], notify: Callable[[int, int, bytes], None],
-               stats: PushStats, gate: Gate) -> list[Run]:
+               stats: PushStats, gate: Gate) -> list[tuple[Run, list[bytes]]]:
     """Hand each run's bytes (its pieces' buffers, in order) to the kernel; the runs of inodes
-    the kernel does not know (ENOENT) come back. Run in a thread: a store may wait for a page a
-    read in flight holds. Stops when the gate closes."""
-    later: list[Run] = []
+    the kernel does not know (ENOENT) come back, with their bytes joined, to be tried again. Run
+    in a thread: a store may wait for a page a read in flight holds. Stops when the gate closes."""
+    later: list[tuple[Run, list[bytes]]] = []
     for run, views in items:
         data = b"".join(views)  # type: ignore[arg-type]
         if not gate.enter():
@@ -177,7 +177,7 @@ def store_runs(items: Sequence[tuple[Run, Sequence[object]]], notify: Callable[[
             notify(run.ino, run.start, data)
         except OSError as e:
             if e.errno == errno.ENOENT:
-                later.append(run)
+                later.append((run, [data]))
                 continue
             raise
         finally:
