@@ -127,6 +127,7 @@ class Daemon:
         self._profile = _Loading(profiles.load, self.store, config.profile) if config.profile else None
         self._profile_queued = False
         self.warm_stats = warm.WarmStats()
+        self._names_done = trio.Event()  # set when the names are looked up (or will not be)
         self.push_stats = push.PushStats()
         self._push_gate = push.Gate()
         self.index = load_index(self.store, config.image_id, config.cache_dir)  # host copy first
@@ -249,25 +250,33 @@ class Daemon:
 
     async def _warm_recorded(self, loading: "_Loading") -> None:
         """The recorded profile's names, once it has loaded (its errors are _queue_profile's)."""
-        await trio.to_thread.run_sync(loading.wait, None)
-        if loading.error is None and loading.result.names:
-            await self._warm_names(loading.result)
+        try:
+            await trio.to_thread.run_sync(loading.wait, None)
+            if loading.error is None and loading.result.names:
+                await self._warm_names(loading.result)
+        finally:
+            self._names_done.set()
 
     async def _warm_names(self, prof: profiles.Profile) -> None:
         """Look up and list what the profile's start-up did, so that the kernel has the answers
         before the container asks (imagefs.fs.warm); stops on unmount."""
         names = prof.names
         self.warm_stats.total = len(names)
-        entries = warm.plan(self.index, names)
-        self.warm_stats.planned = len(entries)
-        if len(entries) < len(names):
-            log.warning("profile names %d paths that image %s does not resolve safely; skipping them",
-                        len(names) - len(entries), self.config.image_id)
         try:
+            entries = warm.plan(self.index, names)
+            self.warm_stats.planned = len(entries)
+            if len(entries) < len(names):
+                log.warning("profile names %d paths that image %s does not resolve safely; skipping them",
+                            len(names) - len(entries), self.config.image_id)
             await warm.replay(self.config.mountpoint, entries, self.warm_stats)
-        except (OSError, ValueError) as e:  # an optimisation: its failure must not take the mount down
+        except (OSError, ValueError) as e:
             log.warning("could not look up the profile's names ahead: %s", e)
             return
+        except Exception:  # an optimisation: its bug must not take the mount down
+            log.exception("could not look up the profile's names ahead")
+            return
+        finally:
+            self._names_done.set()
         log.info("looked up or listed %d of the profile's %d names in %.3f s", self.warm_stats.done,
                  len(names), self.warm_stats.seconds)
 
@@ -290,11 +299,14 @@ class Daemon:
                     fresh = await self._store(self._run_views(runs))
                     stats.not_known += len(fresh)
                     later += fresh
-            while self.warm_stats.running or (self.warm_stats.total and not self.warm_stats.seconds):
-                await trio.sleep(0.01)  # the kernel knows the files once the names are looked up
-            stats.dropped = len(await self._store(later))
+            if later:
+                if self.config.warm_names:  # the kernel knows the files once the names are looked up
+                    await self._names_done.wait()
+                stats.dropped = len(await self._store(later))
         except OSError as e:  # e.g. a kernel without notify_store: the reads will simply come
             log.info("stopped pushing the pack into the page cache: %s", e)
+        except Exception:  # an optimisation: its bug must not take the mount down
+            log.exception("stopped pushing the pack into the page cache")
         finally:
             stats.seconds = time.monotonic() - start
             stats.running = False
