@@ -125,6 +125,14 @@ def test_replay_fetches_in_background_once(tmp_path: Path, mounter) -> None:  # 
     assert s["chunks_fetched"] == len(set(wanted))  # and nothing was fetched twice
 
 
+def _startup(mnt: Path) -> bytes:
+    """A start-up that reads 2 MiB from the middle of /c, then all of /a."""
+    with open(mnt / "c", "rb") as f:
+        f.seek(3 * MB)
+        part = f.read(2 * MB)
+    return part + (mnt / "a").read_bytes()
+
+
 def test_replay_of_a_read_set_pack_on_a_real_mount(tmp_path: Path, mounter) -> None:  # type: ignore[no-untyped-def]
     """Record through the kernel (part of /c, all of /a), save with its pack, replay on a fresh
     mount with an empty host cache: the same reads come from the pack's segments, and less is
@@ -132,14 +140,8 @@ def test_replay_of_a_read_set_pack_on_a_real_mount(tmp_path: Path, mounter) -> N
     store, image_id = _image(tmp_path)
     url = f"file://{tmp_path}/store"
 
-    def startup(mnt: Path) -> bytes:
-        with open(mnt / "c", "rb") as f:
-            f.seek(3 * MB)
-            part = f.read(2 * MB)
-        return part + (mnt / "a").read_bytes()
-
     first = mounter.mount(url, image_id, cache_dir=tmp_path / "cache1")
-    want = startup(Path(first.mountpoint))
+    want = _startup(Path(first.mountpoint))
     trace = mounts.read_trace(first.mountpoint)
     mounter.unmount(first)
     prof = profiles.from_trace(image_id, trace)
@@ -148,7 +150,7 @@ def test_replay_of_a_read_set_pack_on_a_real_mount(tmp_path: Path, mounter) -> N
     info = mounter.mount(url, image_id, profile=digest, cache_dir=tmp_path / "cache2")
     stats = lambda: mounts.read_stats(info.mountpoint)["fetch"]  # noqa: E731
     _wait(lambda: stats()["by_kind"]["prefetch"]["chunks"] == len(prof.pack))
-    assert startup(Path(info.mountpoint)) == want
+    assert _startup(Path(info.mountpoint)) == want
     s = stats()
     assert s["by_kind"]["demand"]["chunks"] == 0 and s["by_kind"]["readahead"]["chunks"] == 0
     assert s["pack_reads"] > 0 and s["pack_dropped"] == 0
@@ -163,7 +165,7 @@ def test_replay_of_a_read_set_pack_on_a_real_mount(tmp_path: Path, mounter) -> N
     # loads the profile while it loads the index. Only segments are fetched.
     mounter.unmount(info)
     info = mounter.mount(url, image_id, profile=digest, cache_dir=tmp_path / "cache4")
-    assert startup(Path(info.mountpoint)) == want
+    assert _startup(Path(info.mountpoint)) == want
     s = stats()
     assert s["raw_bytes_fetched"] == prof.pack_bytes and s["pack_dropped"] == 0
     # The CLI's mount streams the tag's profile when asked to (and says when there is none).
@@ -468,14 +470,8 @@ def test_a_profile_s_pack_is_pushed_into_the_page_cache(tmp_path: Path, mounter)
     url = f"file://{tmp_path}/store"
     src = {n: _file_bytes(store, image_id, "/" + n) for n in ("a", "c")}
 
-    def startup(mnt: Path) -> bytes:
-        with open(mnt / "c", "rb") as f:
-            f.seek(3 * MB)
-            part = f.read(2 * MB)
-        return part + (mnt / "a").read_bytes()
-
     first = mounter.mount(url, image_id, cache_dir=tmp_path / "cache1")
-    want = startup(Path(first.mountpoint))
+    want = _startup(Path(first.mountpoint))
     assert want == src["c"][3 * MB:5 * MB] + src["a"]
     prof = profiles.from_trace(image_id, mounts.read_trace(first.mountpoint))
     mounter.unmount(first)

@@ -263,7 +263,7 @@ class Daemon:
         names = prof.names
         self.warm_stats.total = len(names)
         try:
-            entries = warm.plan(self.index, names)
+            entries = await trio.to_thread.run_sync(warm.plan, self.index, names)  # off the loop
             self.warm_stats.planned = len(entries)
             if len(entries) < len(names):
                 log.warning("profile names %d paths that image %s does not resolve safely; skipping them",
@@ -292,7 +292,10 @@ class Daemon:
         stats.running = True
         try:
             later: list[tuple[push.Run, list[bytes]]] = []  # files the kernel did not know yet
-            for seg, runs in push.plan(self.index, prof.names, segments):
+            # Planning takes 10-25 ms for `import torch`: in a thread, so that the loop goes on
+            # answering the runner, which reads the image's /etc/passwd right after the mount.
+            planned = await trio.to_thread.run_sync(push.plan, self.index, prof.names, segments)
+            for seg, runs in planned:
                 if await self._segment_arrived(seg):
                     if later:  # the name worker may have looked them up meanwhile
                         later = await self._store(later)

@@ -80,10 +80,7 @@ class AccessTrace:
     def lookup(self, parent: int, name: bytes) -> None:
         """The kernel asked for name in directory parent (whether or not it exists)."""
         key = (parent, name)
-        if key in self._looked_up:
-            return
-        if len(self._looked_up) + len(self._listed) >= self.name_limit:
-            self.truncated = True
+        if key in self._looked_up or not self._room_for_name():
             return
         self._looked_up.add(key)
         if self._add(LOOKUP, parent, len(self.names), -1):
@@ -91,13 +88,16 @@ class AccessTrace:
 
     def listing(self, ino: int) -> None:
         """The kernel read directory ino from its start."""
-        if ino in self._listed:
-            return
-        if len(self._looked_up) + len(self._listed) >= self.name_limit:
-            self.truncated = True
+        if ino in self._listed or not self._room_for_name():
             return
         self._listed.add(ino)
         self._add(LIST, ino, -1, -1)
+
+    def _room_for_name(self) -> bool:
+        if len(self._looked_up) + len(self._listed) < self.name_limit:
+            return True
+        self.truncated = True
+        return False
 
     def spans(self, chunk: int) -> list[tuple[int, int]]:
         """The ranges read of a chunk as sorted, merged (offset, length) pairs."""
