@@ -468,6 +468,10 @@ class MemoryCache:
     def __contains__(self, digest: str) -> bool:
         return digest in self._lru
 
+    def peek(self, digest: str) -> bytes | None:
+        """The content if held, without counting a hit or making it recent."""
+        return self._lru.get(digest)
+
     def get(self, digest: str, *, count_miss: bool = True) -> bytes | None:
         data = self._lru.get(digest)
         if data is None:

@@ -327,7 +327,7 @@ class Daemon:
         """Each run with the buffers of its pieces (runs with a piece not at hand are left out)."""
         items = []
         for run in runs:
-            views = [self.fetcher.peek_range(c, o, n) for c, o, n in run.pieces]  # type: ignore[arg-type]
+            views = [self.fetcher.held_range(c, o, n) for c, o, n in run.pieces]  # type: ignore[arg-type]
             if all(v is not None for v in views):
                 items.append((run, views))
         return items

@@ -423,6 +423,21 @@ class ChunkFetcher:
             log.warning("host cache: cannot read chunk %s: %s", digest, e)
             return False
 
+    def held_range(self, digest: Digest, offset: int, length: int) -> memoryview | None:
+        """Part of a chunk if this process holds it in memory (the chunk's own content, or a
+        pack segment's that holds the part); counts nothing, as it serves no read (see push)."""
+        data = self._held_quietly(digest)
+        if data is not None:
+            return memoryview(data)[offset:offset + length]
+        loc = self.pack.find(digest, offset, length)
+        if loc is not None and (seg := self._held_quietly(loc[0])) is not None:
+            return memoryview(seg)[loc[2]:loc[2] + length]
+        return None
+
+    def _held_quietly(self, digest: str) -> bytes | None:
+        data = self.memory.peek(digest)
+        return self._deferred.get(digest) if data is None else data
+
     def holds(self, digest: Digest) -> bool:
         """Whether the content can be had without waiting (see _at_hand)."""
         return self._at_hand(digest)

@@ -91,13 +91,19 @@ async def replay(mountpoint: str, entries: list[tuple[str, bytes]], stats: WarmS
     try:
         done = await trio.run_process(
             [sys.executable, "-I", "-S", WORKER, mountpoint, str(STREAMS)], stdin=encode(entries),
-            capture_stdout=True, stderr=subprocess.DEVNULL, check=False)
+            capture_stdout=True, stderr=subprocess.DEVNULL, check=False, deliver_cancel=_kill)
         if done.returncode != 0:
             raise ValueError(f"the name worker exited with status {done.returncode}")
         stats.done = int(done.stdout)
     finally:
         stats.seconds = time.monotonic() - start
         stats.running = False
+
+
+async def _kill(process: trio.Process) -> None:
+    """On cancel (unmount) kill the worker at once: it keeps no state, and a TERM may wait on
+    a lookup the daemon, now stopping, no longer answers (trio's default waits 5 s for that)."""
+    process.kill()
 
 
 def encode(entries: list[tuple[str, bytes]]) -> bytes:
