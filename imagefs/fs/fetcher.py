@@ -438,15 +438,11 @@ class ChunkFetcher:
         data = self.memory.peek(digest)
         return self._deferred.get(digest) if data is None else data
 
-    def holds(self, digest: Digest) -> bool:
-        """Whether the content can be had without waiting (see _at_hand)."""
-        return self._at_hand(digest)
-
     def expects(self, digest: Digest) -> bool:
         """Whether a load of it is queued or in flight."""
         return digest in self._queued or digest in self._inflight
 
-    def _at_hand(self, digest: Digest) -> bool:
+    def holds(self, digest: Digest) -> bool:
         """In memory, or a host-cache file this process has verified."""
         return (digest in self.memory or digest in self._deferred
                 or (self.disk is not None and self.disk.is_verified(digest)))
@@ -505,7 +501,7 @@ class ChunkFetcher:
     def _enqueue(self, kind: str, chunks: Sequence[tuple[Digest, int]]) -> None:
         queue, added = self._queues[kind], False
         for digest, size in chunks:
-            if digest in self._queued or digest in self._inflight or self._at_hand(digest):
+            if digest in self._queued or digest in self._inflight or self.holds(digest):
                 continue
             self._queued.add(digest)
             queue.append((digest, size))
@@ -525,7 +521,7 @@ class ChunkFetcher:
                 await self._wakeups[kind].wait()
             digest, size = queue.popleft()
             self._queued.discard(digest)
-            if self._at_hand(digest):
+            if self.holds(digest):
                 self.counters.background_skipped += 1
                 continue
             flight = self._inflight.get(digest) or self._launch(digest, size, kind)

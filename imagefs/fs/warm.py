@@ -5,12 +5,13 @@ kernel asks the daemon, which answers in tens of microseconds, but the round tri
 switches, a wake-up on a busy host) costs the container a hundred or more. `import torch` makes
 about 1,900 lookups (a third of them for names that do not exist) and lists about 140 directories.
 The answers never change (the image is immutable) and the kernel keeps them (long entry timeouts,
-negative entries too, cached listings), so the daemon can ask them itself, in profile order, from
-a thread, as soon as the mount is up: the container, which starts a few hundred milliseconds later
-and runs its own code between lookups, then finds them in the kernel's caches.
+negative entries too, cached listings), so the daemon has them asked, in profile order, as soon as
+the mount is up, by a worker process (a thread of the daemon would wait for the GIL between its
+system calls): the container, which starts a few hundred milliseconds later and runs its own code
+between lookups, then finds them in the kernel's caches.
 
 plan() is pure: it keeps the entries whose directory part the image resolves through directories
-alone, so that the kernel's walk of the path never follows a symlink (which could lead out of the
+alone (ImageIndex.resolve), so that the kernel's walk of the path never follows a symlink (which could lead out of the
 mount), and drops the rest (a profile recorded on another image, or a hostile one). replay() has
 warm_worker.py make the system calls.
 """
@@ -24,11 +25,11 @@ from dataclasses import dataclass
 
 import trio
 
-from imagefs.index import ROOT_INO, ImageIndex
+from imagefs.index import ImageIndex
 from imagefs.profile import NAME_LIST, NAME_LOOKUP
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "warm_worker.py")
-STREAMS = 4
+STREAMS = 4  # lookups the worker keeps in flight (threads taking every fourth entry)
 PATH_MAX = 4096  # longer paths are not replayed (the kernel would refuse them anyway)
 
 
@@ -46,35 +47,24 @@ class WarmStats:
 
 
 def plan(index: ImageIndex, names: list[tuple[str, str]]) -> list[tuple[str, bytes]]:
-    """(kind, path relative to the image root) of each entry safe to replay, in order."""
-    dirs: dict[bytes, int | None] = {b"": ROOT_INO}  # relative path -> directory inode, or None
+    """(kind, path relative to the image root) of each entry safe to replay, in order.
+    ImageIndex.resolve never follows a symlink (a name under anything but a directory is not
+    found), so a directory it finds is reached through directories alone."""
     out: list[tuple[str, bytes]] = []
 
-    def dir_ino(rel: bytes) -> int | None:
-        """The inode of the directory rel resolves to through directories alone, else None."""
-        if rel in dirs:
-            return dirs[rel]
-        ino: int | None = ROOT_INO
-        prefix = b""
-        for part in rel.split(b"/"):
-            prefix = prefix + b"/" + part if prefix else part
-            if prefix not in dirs:
-                child = index.lookup(ino, part) if ino is not None and _plain_name(part) else None
-                dirs[prefix] = child if child is not None and index.inode(child).is_dir else None
-            ino = dirs[prefix]
-        return ino
+    def is_dir(rel: bytes) -> bool:
+        ino = index.resolve(rel)
+        return ino is not None and index.inode(ino).is_dir
 
     for kind, path in names:
         rel = path.encode("utf-8", "surrogateescape").strip(b"/")
-        if len(rel) > PATH_MAX:
+        if len(rel) > PATH_MAX or (rel and not all(map(_plain_name, rel.split(b"/")))):
             continue
         if kind == NAME_LIST:
-            if dir_ino(rel) is not None:
+            if is_dir(rel):
                 out.append((kind, rel or b"."))
-        elif kind == NAME_LOOKUP:
-            parent, _, last = rel.rpartition(b"/")
-            if _plain_name(last) and dir_ino(parent) is not None:
-                out.append((kind, rel))
+        elif kind == NAME_LOOKUP and rel and is_dir(rel.rpartition(b"/")[0]):
+            out.append((kind, rel))
     return out
 
 
