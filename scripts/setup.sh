@@ -37,8 +37,8 @@ fi
 # pyfuse3 with coldstart's patch (third_party/pyfuse3/README.md): built from the PyPI sdist.
 PYFUSE3_VERSION=3.5.0
 PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
-PYFUSE3_PATCH=third_party/pyfuse3/pyfuse3-$PYFUSE3_VERSION-coldstart2.patch
-if ! .venv/bin/python -c "import pyfuse3, sys; sys.exit('polling' not in getattr(pyfuse3, 'coldstart_features', ()))" 2>/dev/null; then
+PYFUSE3_PATCH=third_party/pyfuse3/pyfuse3-$PYFUSE3_VERSION-coldstart3.patch
+if ! .venv/bin/python -c "import pyfuse3, sys; sys.exit('read_parts' not in getattr(pyfuse3, 'coldstart_features', ()))" 2>/dev/null; then
   echo "setup: building pyfuse3 $PYFUSE3_VERSION with $PYFUSE3_PATCH"
   build=$(mktemp -d)
   trap 'rm -rf "$build"' EXIT

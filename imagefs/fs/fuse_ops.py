@@ -23,7 +23,7 @@ import pyfuse3
 from imagefs.fs.errors import (AccessDenied, BadHandle, ChunkUnavailable, IsADirectory, NoAttribute,
                                NoEntry, NotADirectory, NotASymlink, ReadOnly)
 from imagefs.fs.metrics import OpMetrics
-from imagefs.fs.model import Attr, ImageFS
+from imagefs.fs.model import Attr, Data, ImageFS
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ MAX_BACKGROUND = 0
 
 # What the pyfuse3 build offers beyond the stock one (third_party/pyfuse3): with
 # 'ino_without_open', reads and listings name the inode when the kernel skips open/opendir;
-# with 'polling', the session loop can poll the device for a while after each reply.
+# with 'polling', the session loop can poll the device for a while after each reply; with
+# 'read_parts', a read may be answered with a tuple of buffers (sent as one reply, unjoined).
 PYFUSE3_FEATURES: frozenset[str] = getattr(pyfuse3, "coldstart_features", frozenset())
 
 # Microseconds the daemon keeps polling the FUSE device after a reply before it sleeps. A caller
@@ -151,6 +152,9 @@ class FuseOps(pyfuse3.Operations):
         # releases), keeps file pages and caches listings by itself. Needs a pyfuse3 that then
         # hands reads the inode number (the kernel's file handle is 0).
         self.skip_open = "ino_without_open" in PYFUSE3_FEATURES if skip_open is None else skip_open
+        # A read that crosses chunks is answered with one buffer per chunk (the kernel gathers
+        # them: no joining copy in the daemon) where the pyfuse3 build takes a tuple of buffers.
+        self.reply_parts = "read_parts" in PYFUSE3_FEATURES
         self._entries: dict[int, pyfuse3.EntryAttributes] = {}
         self._session = False  # True once the kernel has said hello (pyfuse3 calls init)
 
@@ -283,10 +287,10 @@ class FuseOps(pyfuse3.Operations):
         self.metrics.pushed_bytes += len(data)
 
     @_op("read")
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
-        data = await self.fs.read(fh, off, size)
-        self.metrics.read_bytes += len(data)
-        return data
+    async def read(self, fh: int, off: int, size: int) -> Data | tuple[Data, ...]:
+        parts = await self.fs.read_parts(fh, off, size, join=not self.reply_parts)
+        self.metrics.read_bytes += sum(map(len, parts))
+        return parts[0] if len(parts) == 1 else parts if parts else b""
 
     async def flush(self, fh: int) -> None:
         """Nothing is ever dirty: ENOSYS tells the kernel to stop sending flush on every close."""

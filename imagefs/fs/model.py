@@ -9,7 +9,7 @@ import functools
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence, runtime_checkable
+from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import trio
 
@@ -277,17 +277,23 @@ class ImageFS:
     async def read(self, fh: int, offset: int, size: int) -> Data:
         """Up to size bytes at offset of the file whose handle (inode number) is fh; short only
         at the end of the file. No open is needed: the kernel may skip it (see FuseOps)."""
+        got = await self.read_parts(fh, offset, size, join=True)
+        return got[0] if got else b""
+
+    async def read_parts(self, fh: int, offset: int, size: int, *, join: bool = False
+                         ) -> tuple[Data, ...]:
+        """What read returns, as one buffer per chunk the range crosses (views of the chunks
+        where they are held in memory: no copy), or as one buffer with join."""
         if not 1 <= fh <= len(self.index.inodes):
             raise BadHandle(f"no file with handle {fh}")
         node = self.index.inodes[fh - 1]
         pieces = self.pieces(node, offset, size)
         self._note_read(fh, node, pieces, offset, size)
-        if not pieces:
-            return b""
-        if len(pieces) == 1:
-            part = self._peek(pieces[0])
-            return part if part is not None else await self._wait_for(pieces[0])
-        return await self._gather(pieces)
+        if len(pieces) <= 1 or not join:
+            got: list[Data | None] = [self._peek(p) for p in pieces]
+            await self._wait_all(pieces, [i for i, d in enumerate(got) if d is None], got.__setitem__)
+            return tuple(d for d in got if d is not None)
+        return (await self._gather(pieces),)
 
     def _load_neighbors(self, chunk: int) -> None:
         """Chunk must be waited for: start loading the chunks after it in the background."""
@@ -325,23 +331,32 @@ class ImageFS:
         slots = [view[p.file_offset - start:p.file_offset - start + p.length] for p in pieces]
         missing = [i for i, p in enumerate(pieces) if not self._peek_into(p, slots[i])]
 
+        def put(i: int, data: Data) -> None:
+            slots[i][:] = data
+
+        await self._wait_all(pieces, missing, put)
+        return out
+
+    async def _wait_all(self, pieces: list[Piece], which: list[int],
+                        put: Callable[[int, Data], None]) -> None:
+        """Wait for pieces[i] for each i in which, concurrently; put(i, data) as each arrives."""
+        if len(which) == 1:
+            put(which[0], await self._wait_for(pieces[which[0]]))
+            return
         errors: list[FSError] = []
 
         async def one(i: int) -> None:
             try:
-                slots[i][:] = await self._wait_for(pieces[i])
+                put(i, await self._wait_for(pieces[i]))
             except FSError as e:  # reported as itself, not wrapped in an exception group
                 errors.append(e)
 
-        if len(missing) == 1:
-            slots[missing[0]][:] = await self._wait_for(pieces[missing[0]])
-        elif missing:
+        if which:
             async with trio.open_nursery() as nursery:
-                for i in missing:
+                for i in which:
                     nursery.start_soon(one, i)
             if errors:
                 raise errors[0]
-        return out
 
     def _peek_into(self, p: Piece, dst: memoryview) -> bool:
         digest = self.index.chunks[p.chunk]
