@@ -22,6 +22,7 @@ import zstandard
 from imagefs.errors import CorruptBlob
 
 Digest = NewType("Digest", str)  # 64 lowercase hex characters of blake3
+Content = bytes | memoryview  # a chunk's verified content (a view where it was stored raw)
 
 MAGIC = b"CSB1"
 VERSION = 1
@@ -70,6 +71,13 @@ def encode(data: bytes | memoryview, level: int = ZSTD_LEVEL) -> bytes:
 
 def decode(blob: bytes, digest: str) -> bytes:
     """Check the header, decompress, verify the blake3 against digest; CorruptBlob on any mismatch."""
+    raw = decode_view(blob, digest)
+    return raw if isinstance(raw, bytes) else bytes(raw)
+
+
+def decode_view(blob: bytes, digest: str) -> Content:
+    """decode, but a blob stored raw comes back as a view of its payload, not a copy of it (the
+    chunk fetcher's path: an incompressible chunk costs no second buffer of its size)."""
     if len(blob) < HEADER.size:
         raise CorruptBlob(digest, f"blob of {len(blob)} bytes is shorter than its header")
     magic, version, codec, _res, raw_size, stored_size = HEADER.unpack_from(blob)
@@ -88,9 +96,9 @@ def decode(blob: bytes, digest: str) -> bytes:
     return raw
 
 
-def _unpack(payload: memoryview, codec: int, raw_size: int, digest: str) -> bytes:
+def _unpack(payload: memoryview, codec: int, raw_size: int, digest: str) -> Content:
     if codec == CODEC_RAW:
-        return bytes(payload)
+        return payload
     if codec == CODEC_ZSTD:
         try:
             return _decompressor().decompress(payload, max_output_size=raw_size)

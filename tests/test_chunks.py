@@ -22,6 +22,20 @@ def test_incompressible_is_stored_raw():
     assert blob[5] == blobs.CODEC_RAW
     assert len(blob) == len(data) + blobs.HEADER.size
     assert blobs.decode(blob, blobs.digest_of(data)) == data
+    got = blobs.decode(blob, blobs.digest_of(data))
+    assert type(got) is bytes
+
+
+def test_decode_view_of_a_raw_blob_is_its_payload_not_a_copy():
+    data = os.urandom(100_000)
+    blob = blobs.encode(data)
+    view = blobs.decode_view(blob, blobs.digest_of(data))
+    assert isinstance(view, memoryview) and view.obj is blob and view == data
+    packed = b"compressible " * 1000
+    assert type(blobs.decode_view(blobs.encode(packed), blobs.digest_of(packed))) is bytes
+    corrupt = blob[:-1] + bytes([blob[-1] ^ 1])  # a raw payload is still verified
+    with pytest.raises(CorruptBlob, match="blake3"):
+        blobs.decode_view(corrupt, blobs.digest_of(data))
 
 
 def test_empty_chunk():

@@ -29,7 +29,7 @@ from typing import Iterable, Iterator
 
 import blake3
 
-from imagefs.chunks import Digest
+from imagefs.chunks import Content, Digest
 from imagefs.errors import ImageFSError
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,7 @@ class HostCache:
         while self._open:
             os.close(self._open.popitem()[1])
 
-    def put(self, digest: Digest, data: bytes) -> None:
+    def put(self, digest: Digest, data: Content) -> None:
         """Add verified content; errors (disk full, ...) are logged and counted, never raised."""
         path = self.path(digest)
         if path.exists():
@@ -282,7 +282,7 @@ class HostCache:
         if over:
             self.evict()
 
-    def _write(self, path: Path, data: bytes) -> tuple[int, ...]:
+    def _write(self, path: Path, data: Content) -> tuple[int, ...]:
         """Write data under path by rename of a complete temp file; the identity of that file."""
         tmp = self._tmp / f"{path.name}.{secrets.token_hex(6)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -460,7 +460,7 @@ class MemoryCache:
         self.max_bytes = max_bytes
         self.used_bytes = 0
         self.counters = MemoryCounters()
-        self._lru: OrderedDict[str, bytes] = OrderedDict()
+        self._lru: OrderedDict[str, Content] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._lru)
@@ -468,11 +468,11 @@ class MemoryCache:
     def __contains__(self, digest: str) -> bool:
         return digest in self._lru
 
-    def peek(self, digest: str) -> bytes | None:
+    def peek(self, digest: str) -> Content | None:
         """The content if held, without counting a hit or making it recent."""
         return self._lru.get(digest)
 
-    def get(self, digest: str, *, count_miss: bool = True) -> bytes | None:
+    def get(self, digest: str, *, count_miss: bool = True) -> Content | None:
         data = self._lru.get(digest)
         if data is None:
             self.counters.misses += count_miss
@@ -481,7 +481,7 @@ class MemoryCache:
         self.counters.hits += 1
         return data
 
-    def put(self, digest: str, data: bytes) -> None:
+    def put(self, digest: str, data: Content) -> None:
         if len(data) > self.max_bytes or digest in self._lru:
             return
         self._lru[digest] = data

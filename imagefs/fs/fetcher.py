@@ -27,7 +27,7 @@ from typing import AsyncIterator, Callable, Iterable, Sequence
 import trio
 
 from imagefs import chunks as blobs
-from imagefs.chunks import Digest
+from imagefs.chunks import Content, Digest
 from imagefs.errors import BlobNotFound, CorruptBlob, ImageFSError, StoreError
 from imagefs.fs.cache import HostCache, MemoryCache
 from imagefs.fs.errors import ChunkUnavailable
@@ -166,7 +166,7 @@ class _Flight:
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.data: bytes | None = None
+        self.data: Content | None = None
         self.error: ChunkUnavailable | None = None
 
 
@@ -197,7 +197,7 @@ class ChunkFetcher:
         self.on_busy: Callable[[bool], None] | None = None
         self._urgent_loads = 0
         self.pack = PackMap()
-        self._deferred: dict[Digest, bytes] = {}  # loaded from the store, not yet in the host cache
+        self._deferred: dict[Digest, Content] = {}  # loaded from the store, not yet in the host cache
         self._deferred_bytes = 0
         self._deferred_max = min(limits.deferred_max, memory.max_bytes)  # no more than memory may hold
         self._deferred_since = 0.0
@@ -228,12 +228,12 @@ class ChunkFetcher:
                     self.disk.close_files()
 
     # -- demand --------------------------------------------------------------------------------
-    def peek(self, digest: Digest) -> bytes | None:
+    def peek(self, digest: Digest) -> Content | None:
         """The content if the memory tier has it (a miss here is counted by the get that follows)."""
         self._last_read = time.monotonic()
         return self._held(digest)
 
-    def _held(self, digest: Digest, count_miss: bool = False) -> bytes | None:
+    def _held(self, digest: Digest, count_miss: bool = False) -> Content | None:
         """The content if this process holds it: the memory tier, or a write-back not yet done."""
         data = self.memory.get(digest, count_miss=count_miss)
         return self._deferred.get(digest) if data is None else data
@@ -256,7 +256,7 @@ class ChunkFetcher:
             return self.disk.read_part(digest, offset, length)
         return None
 
-    async def get(self, digest: Digest, size: int) -> bytes:
+    async def get(self, digest: Digest, size: int) -> Content:
         """The verified content of a chunk; ChunkUnavailable if it cannot be had."""
         self._last_read = time.monotonic()
         data = self._held(digest, count_miss=True)
@@ -400,7 +400,7 @@ class ChunkFetcher:
         self._deferred_bytes = 0
         self._deferring = trio.Event()
 
-    async def _obtain(self, digest: Digest, size: int, kind: str) -> tuple[bytes | None, bool]:
+    async def _obtain(self, digest: Digest, size: int, kind: str) -> tuple[Content | None, bool]:
         """(content, whether it came from the store). A prefetch of a chunk the host cache has only
         checks the file in place (content None): readers then take parts of it from the page
         cache, and a long profile does not flush the memory tier. Demand and readahead loads
@@ -434,7 +434,7 @@ class ChunkFetcher:
             return memoryview(seg)[loc[2]:loc[2] + length]
         return None
 
-    def _held_quietly(self, digest: str) -> bytes | None:
+    def _held_quietly(self, digest: str) -> Content | None:
         data = self.memory.peek(digest)
         return self._deferred.get(digest) if data is None else data
 
@@ -447,7 +447,7 @@ class ChunkFetcher:
         return (digest in self.memory or digest in self._deferred
                 or (self.disk is not None and self.disk.is_verified(digest)))
 
-    async def _write_back(self, digest: Digest, data: bytes) -> None:
+    async def _write_back(self, digest: Digest, data: Content) -> None:
         if self.disk is None:
             return
         try:
@@ -464,7 +464,7 @@ class ChunkFetcher:
             log.warning("host cache: cannot read chunk %s: %s", digest, e)
             return None
 
-    async def _from_store(self, digest: Digest, size: int, kind: str) -> bytes:
+    async def _from_store(self, digest: Digest, size: int, kind: str) -> Content:
         try:
             stored, data = await trio.to_thread.run_sync(self._fetch_sync, digest,
                                                          limiter=self._store_slots)
@@ -485,9 +485,10 @@ class ChunkFetcher:
         c.raw_bytes += len(data)
         return data
 
-    def _fetch_sync(self, digest: Digest) -> tuple[int, bytes]:
+    def _fetch_sync(self, digest: Digest) -> tuple[int, Content]:
         blob = self.store.get(blobs.chunk_key(digest))
-        return len(blob), blobs.decode(blob, digest)
+        # A chunk stored raw is held as a view of the fetched blob: no copy of it.
+        return len(blob), blobs.decode_view(blob, digest)
 
     # -- background: readahead and prefetch ----------------------------------------------------
     def readahead(self, chunks: Sequence[tuple[Digest, int]]) -> None:

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import trio
 
-from imagefs.chunks import Digest
+from imagefs.chunks import Content, Digest
 from imagefs.fs.errors import (AccessDenied, BadHandle, FSError, IsADirectory, NoAttribute, NoEntry,
                                NotADirectory, NotASymlink, ReadOnly)
 from imagefs.fs.trace import AccessTrace
@@ -32,9 +32,9 @@ Data = bytes | memoryview | bytearray
 class ChunkSource(Protocol):
     """Where chunk contents come from: verified, decompressed bytes by digest."""
 
-    async def get(self, digest: Digest, size: int) -> bytes: ...
+    async def get(self, digest: Digest, size: int) -> Content: ...
 
-    def peek(self, digest: Digest) -> bytes | None:
+    def peek(self, digest: Digest) -> Content | None:
         """The content if it is at hand (in memory) right now, without waiting."""
 
     def readahead(self, chunks: Sequence[tuple[Digest, int]]) -> None:
