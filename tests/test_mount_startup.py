@@ -304,3 +304,10 @@ def test_only_commands_that_mount_prefork() -> None:
     assert not _mounts_soon(["mount", "--foreground", "img:1", "/mnt"]) and not _mounts_soon(["run", "--help"])
     assert not _mounts_soon(["images"]) and not _mounts_soon([])
     assert _mounts_soon(["run", "img:1", "--", "tool", "--help"])  # the container's argument
+
+
+def test_the_daemon_can_tell_glibc_to_keep_freed_memory() -> None:
+    """On glibc (this project's hosts), mallopt takes each setting; elsewhere it answers False."""
+    from imagefs.fs.daemon import keep_freed_memory
+
+    assert keep_freed_memory() is True
