@@ -248,17 +248,35 @@ def driver_binaries(host: GpuHost, caps: frozenset[str]) -> list[BindMount]:
     for name, cap in _BIN_CAPS.items():
         if cap not in caps:
             continue
-        for bindir in host.bin_dirs:
-            candidate = host.path(f"{bindir}/{name}")
-            if candidate.is_file():
-                mounts.append(BindMount(str(candidate), f"/usr/bin/{name}",
-                                        ("rbind", "rprivate", "ro", "nosuid", "nodev")))
-                break
+        found = _driver_binary(host, name)
+        if found is not None:
+            mounts.append(BindMount(str(found), f"/usr/bin/{name}",
+                                    ("rbind", "rprivate", "ro", "nosuid", "nodev")))
     socket = host.path("/run/nvidia-persistenced/socket")
     if socket.exists():
         mounts.append(BindMount(str(socket), "/run/nvidia-persistenced/socket",
                                 ("rbind", "rprivate", "nosuid", "nodev", "noexec")))
     return mounts
+
+
+def _driver_binary(host: GpuHost, name: str) -> Path | None:
+    """The first executable file of that name in the host's binary dirs, an ELF binary before a
+    script: a host may wrap the driver's tool in a script that execs it from a directory the
+    container does not have (seen on a GPU host here: /usr/bin/nvidia-smi is `exec
+    /usr/local/nvidia/bin/nvidia-smi`, a mount of its own that an overlay of / does not show)."""
+    first: Path | None = None
+    for bindir in host.bin_dirs:
+        candidate = host.path(f"{bindir}/{name}")
+        if not candidate.is_file():
+            continue
+        try:
+            with open(candidate, "rb") as f:
+                if f.read(4) == b"\x7fELF":
+                    return candidate
+        except OSError:
+            continue
+        first = first or candidate
+    return first
 
 
 def container_lib_dir(rootfs: Path) -> str:

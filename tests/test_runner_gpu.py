@@ -14,8 +14,8 @@ import pytest
 
 from runner.edits import DeviceNode
 from runner.errors import GpuError
-from runner.gpu import (GpuHost, GpuInfo, container_lib_dir, discover, driver_version, parse_capabilities,
-                        plan_gpus, select_gpus)
+from runner.gpu import (GpuHost, GpuInfo, container_lib_dir, discover, driver_binaries, driver_version,
+                        parse_capabilities, plan_gpus, select_gpus)
 from tests.fixtures.runner import RunnerEnv, busybox_root, needs_runc, runner_env  # noqa: F401
 
 VERSION = "535.104.05"
@@ -207,6 +207,20 @@ def test_plan_all_gpus(fake_host: GpuHost, tmp_path: Path) -> None:
     assert all("ro" in m.options for m in mounts.values())
     assert mounts["/usr/bin/nvidia-smi"].host_path == str(fake_host.root / "usr/bin/nvidia-smi")
     assert edits.env == {"NVIDIA_VISIBLE_DEVICES": f"{UUID0},{UUID1}", "NVIDIA_DRIVER_CAPABILITIES": "compute,utility"}
+
+
+def test_a_driver_binary_beats_a_script_that_wraps_it(fake_host: GpuHost, tmp_path: Path) -> None:
+    """As on the GPU host the device check ran on: /usr/bin/nvidia-smi is a script that execs
+    the driver's own copy from a directory of its own; the container gets the ELF binary."""
+    real = fake_host.root / "usr/local/nvidia/bin/nvidia-smi"
+    real.parent.mkdir(parents=True)
+    real.write_bytes(b"\x7fELF" + bytes(60))
+    os.chmod(real, 0o755)
+    mounts = {m.container_path: m for m in driver_binaries(fake_host, frozenset({"utility"}))}
+    assert mounts["/usr/bin/nvidia-smi"].host_path == str(real)
+    real.unlink()  # only the script left: it is still what there is
+    mounts = {m.container_path: m for m in driver_binaries(fake_host, frozenset({"utility"}))}
+    assert mounts["/usr/bin/nvidia-smi"].host_path == str(fake_host.root / "usr/bin/nvidia-smi")
 
 
 def test_plan_follows_capabilities_and_env(fake_host: GpuHost, tmp_path: Path) -> None:
