@@ -5,7 +5,9 @@ native    the image exported to local disk beforehand (page cache dropped): the 
 pull      what docker/containerd do: fetch every chunk from the store (in parallel), decompress,
           write the rootfs to disk, then run; the pull is a phase of its own
 cold      coldstart: fresh lazy mount, empty host cache, page cache dropped
-warm      coldstart: fresh lazy mount, host cache already holding the image, page cache dropped
+warm      coldstart: fresh lazy mount, host cache already holding the image, page cache dropped;
+          as `coldstart run` does by default, the mount replays the order in which the last mount
+          of the image on this host first touched its chunks and names (learned, not a profile)
 prefetch  cold, with the image's recorded start-up profile streamed ahead of demand
 guess     cold, no profile: the working set guessed from the command (imagefs.guess) streamed instead
 containerd  stock containerd: `ctr image pull` from a local registry (fetch + unpack), then `ctr run`
@@ -153,7 +155,9 @@ def run_containerd(ctx: Context, w: Workload, image_id: str, rep: int) -> Record
 def run_lazy(ctx: Context, w: Workload, image_id: str, mode: str, rep: int, tag: str = "") -> Record:
     """cold / warm / prefetch / guess: a fresh mount each run; the host cache decides cold or warm.
     prefetch runs by tag, whose start-up profile the mount then streams; guess by image ID (no
-    profile) with the guessed working set streamed; the others by image ID with prefetch off."""
+    profile) with the guessed working set streamed; warm by image ID with what the last mount
+    learned replayed (the default); cold by image ID with prefetch off (its cache is empty, so
+    there is nothing learned either way)."""
     unmount_all(ctx.state_dir)
     cache = ctx.warm_cache if mode == "warm" else ctx.work / f"cache-{mode}-{rep}"
     if mode != "warm":
@@ -161,7 +165,7 @@ def run_lazy(ctx: Context, w: Workload, image_id: str, mode: str, rep: int, tag:
     drop_page_cache()
     prefetch = mode == "prefetch"
     provider = imagefs_provider(ctx.state_dir, ctx.store_url, str(cache), linger=True,
-                                prefetch=mode in ("prefetch", "guess"), guess=mode == "guess",
+                                prefetch=mode in ("prefetch", "guess", "warm"), guess=mode == "guess",
                                 prefetch_workers=ctx.prefetch_workers)
     opts = _options(ctx, w, tag if prefetch else image_id)
     res = run(opts, provider, stdout=_discard, stderr=_discard)
