@@ -1,0 +1,45 @@
+# Shared by bench/gpu_image_check.sh and bench/gpu_torch_start.sh (sourced, not run): getting a
+# bare GPU host ready, and an image made from the host's own Python. Needs PY (the interpreter).
+
+# install_deps DIR WORK: DIR/bin on PATH (e.g. runc); each DIR/lib/*.so* missing from the linker
+# cache copied to /usr/lib/x86_64-linux-gnu; DIR/wheels/*.whl into WORK/pydeps, on PYTHONPATH.
+install_deps() {
+    local deps=$1 work=$2 lib
+    export PATH=$deps/bin:$PATH
+    for lib in "$deps"/lib/*.so*; do
+        [ -e "$lib" ] || continue
+        ldconfig -p | grep -q "$(basename "$lib") " || { cp "$lib" /usr/lib/x86_64-linux-gnu/ && ldconfig; }
+    done
+    "$PY" -m pip install -q --no-index --target "$work/pydeps" "$deps"/wheels/*.whl 2>&1 | grep -vi warning
+    export PYTHONPATH=$work/pydeps${PYTHONPATH:+:$PYTHONPATH}
+}
+
+# make_python_image ROOT: the interpreter behind PY, its standard library, all of glibc and the
+# C++ runtime (the driver's tools and libraries load them), sh and a few tools, at their host
+# paths (a merged-/usr host's links too); /usr/bin/python3 points at the interpreter.
+make_python_image() {
+    local R=$1 top bin lib real base ver
+    mkdir -p "$R"/{dev,proc,sys,tmp,etc,root}
+    for top in bin sbin lib lib64; do
+        [ -L "/$top" ] && { mkdir -p "$R/$(readlink -f "/$top" | sed 's,^/,,')"; ln -s "$(readlink "/$top")" "$R/$top"; }
+    done
+    real=$("$PY" -c "import os, sys; print(os.path.realpath(sys.executable))")
+    base=$("$PY" -c "import sys; print(sys.base_prefix)")
+    ver=$("$PY" -c "import sys; print('python%d.%d' % sys.version_info[:2])")
+    for bin in "$real" /bin/sh /bin/ls /bin/grep /usr/bin/head /bin/mknod; do
+        _copy "$R" "$bin"
+        for lib in $(ldd "$bin" 2>/dev/null | grep -o '/[^ ]*'); do _copy "$R" "$lib"; done
+    done
+    for lib in /lib/x86_64-linux-gnu/{libpthread.so.0,libdl.so.2,librt.so.1,libm.so.6,libresolv.so.2,libutil.so.1,libgcc_s.so.1,libstdc++.so.6}; do
+        [ -e "$lib" ] && _copy "$R" "$lib"
+    done
+    mkdir -p "$R/usr/bin"; ln -sf "$real" "$R/usr/bin/python3"
+    tar -C / --exclude='*/site-packages' --exclude='*/dist-packages' --exclude='*/test' --exclude='*/tests' \
+        --exclude='*/idlelib' --exclude='*/tkinter' -cf - "${base#/}/lib/$ver" | tar -C "$R" -xf -
+    for lib in $(find "$R$base/lib/$ver/lib-dynload" -name '*.so' -exec ldd {} \; 2>/dev/null | grep -o '/[^ ]*' | sort -u); do
+        _copy "$R" "$lib"
+    done
+    chroot "$R" /usr/bin/python3 -c "import ctypes, sys; print('image: python', sys.version.split()[0])"
+}
+
+_copy() { local R=$1; shift; local f; for f in "$@"; do cp -L --parents "$f" "$R"; done; }
