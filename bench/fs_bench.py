@@ -70,7 +70,9 @@ class Tree:
     def __init__(self, label: str, root: Path, run_dir: Path) -> None:
         self.label = label
         self.root = root
-        self.env = {**os.environ, "PYTHONPATH": str(root), "COLDSTART_RUN_DIR": str(run_dir)}
+        # root first: its code, not another checkout's; what was on the path stays after it
+        path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+        self.env = {**os.environ, "PYTHONPATH": path, "COLDSTART_RUN_DIR": str(run_dir)}
         self._prefetch: bool | None = None
 
     def can_prefetch(self) -> bool:

@@ -42,4 +42,22 @@ make_python_image() {
     chroot "$R" /usr/bin/python3 -c "import ctypes, sys; print('image: python', sys.version.split()[0])"
 }
 
+# add_site_packages ROOT MODULE CODE: from the site-packages dir holding MODULE, every top-level
+# package CODE imports natively, `nvidia` (CUDA libraries torch loads) and any `*.libs`, copied
+# to the same path under ROOT, then the system libraries their own libraries link; prints the
+# site-packages path (the image's PYTHONPATH).
+add_site_packages() {
+    local R=$1 module=$2 code=$3 site mods lib
+    site=$("$PY" -c "import os, $module; print(os.path.dirname(os.path.dirname($module.__file__)))") || return 1
+    mods=$("$PY" -c "import sys
+$code
+print(' '.join(sorted({m.split('.')[0] for m in list(sys.modules)})))" | tail -1) || return 1
+    (cd "$site" && for m in $mods nvidia *.libs; do
+        for p in "$m" "$m.py" "$m".*.so "$m".so; do [ -e "$p" ] && echo "$p"; done
+    done | sort -u | tar -cf - -T - | tar -C "$R" --one-top-level="${site#/}" -xf -) || return 1
+    find "$R$site" -name '*.so*' -type f -exec ldd {} + 2>/dev/null | grep -o '=> /[^ ]*' | cut -c4- \
+        | grep -E '^/(usr/)?lib' | sort -u | while read -r lib; do [ -e "$R$lib" ] || _copy "$R" "$lib"; done
+    echo "$site"
+}
+
 _copy() { local R=$1; shift; local f; for f in "$@"; do cp -L --parents "$f" "$R"; done; }

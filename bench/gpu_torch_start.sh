@@ -40,16 +40,7 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f\n", b - a }'; }
 
 R=$WORK/root
 make_python_image "$R" >/dev/null || exit 2
-SITE=$("$PY" -c "import os, $MODULE; print(os.path.dirname(os.path.dirname($MODULE.__file__)))")
-MODS=$("$PY" -c "import sys
-$CODE
-print(' '.join(sorted({m.split('.')[0] for m in list(sys.modules)})))" | tail -1)
-(cd "$SITE" && for m in $MODS nvidia *.libs; do
-    for p in "$m" "$m.py" "$m".*.so "$m".so; do [ -e "$p" ] && echo "$p"; done
-done | sort -u | tar -cf - -T - | tar -C "$R" --one-top-level="${SITE#/}" -xf -) || exit 2
-# the system libraries those packages' own libraries link (e.g. libutil, libgomp)
-find "$R$SITE" -name '*.so*' -type f -exec ldd {} + 2>/dev/null | grep -o '=> /[^ ]*' | cut -c4- \
-    | grep -E '^/(usr/)?lib' | sort -u | while read -r lib; do [ -e "$R$lib" ] || _copy "$R" "$lib"; done
+SITE=$(add_site_packages "$R" "$MODULE" "$CODE") || exit 2
 echo "image: $(du -sh "$R" | cut -f1) ($(cd "$R$SITE" && ls | tr '\n' ' '))"
 export COLDSTART_STORE=file://$WORK/store
 t=$(now); cs import "$R" torch-gpu:1 | tail -1; echo "import: $(since "$t") s"
