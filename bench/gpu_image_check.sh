@@ -15,10 +15,9 @@ set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 WORK=${WORK:-/tmp/gpu-image-check}
-DEPS=""
-[ "${1:-}" = "--deps" ] && DEPS=$(realpath "${2:?--deps DIR}")
-rm -rf "$WORK"; mkdir -p "$WORK"
 . bench/gpu_lib.sh
+parse_args "$@" || exit 2  # --deps DIR (--repeat is not used here)
+rm -rf "$WORK"; mkdir -p "$WORK"
 [ -n "$DEPS" ] && install_deps "$DEPS" "$WORK"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 "$PY" -c "import pyfuse3, trio" || { echo "the mount needs pyfuse3 and trio (see --deps)"; exit 2; }

@@ -1,6 +1,19 @@
 # Shared by bench/gpu_image_check.sh and bench/gpu_torch_start.sh (sourced, not run): getting a
 # bare GPU host ready, and an image made from the host's own Python. Needs PY (the interpreter).
 
+# parse_args "$@": the scripts' options, --deps DIR and --repeat N (sets DEPS and REPEAT).
+parse_args() {
+    DEPS=""
+    REPEAT=3
+    while [ $# -gt 0 ]; do
+        case $1 in
+            --deps) DEPS=$(realpath "$2"); shift 2 ;;
+            --repeat) REPEAT=$2; shift 2 ;;
+            *) echo "usage: $0 [--deps DIR] [--repeat N]"; return 2 ;;
+        esac
+    done
+}
+
 # install_deps DIR WORK: DIR/bin on PATH (e.g. runc); each DIR/lib/*.so* missing from the linker
 # cache copied to /usr/lib/x86_64-linux-gnu; DIR/wheels/*.whl into WORK/pydeps, on PYTHONPATH.
 install_deps() {

@@ -18,18 +18,10 @@ WORK=${WORK:-/var/tmp/gpu-torch-start}
 MODULE=${MODULE:-torch}
 CODE=${CODE:-"import torch; x = torch.ones(1, device='cuda'); torch.cuda.synchronize(); print('ready', float(x.sum()))"}
 GPUS=${GPUS-all}
-REPEAT=3
-DEPS=""
-while [ $# -gt 0 ]; do
-    case $1 in
-        --deps) DEPS=$(realpath "$2"); shift 2 ;;
-        --repeat) REPEAT=$2; shift 2 ;;
-        *) echo "usage: $0 [--deps DIR] [--repeat N]"; exit 2 ;;
-    esac
-done
-rm -rf "$WORK"; mkdir -p "$WORK"
 ORIG_PYTHONPATH=${PYTHONPATH:-}
 . bench/gpu_lib.sh
+parse_args "$@" || exit 2
+rm -rf "$WORK"; mkdir -p "$WORK"
 [ -n "$DEPS" ] && install_deps "$DEPS" "$WORK"
 CS_PATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONPATH=$ORIG_PYTHONPATH

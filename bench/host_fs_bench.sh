@@ -15,17 +15,9 @@ WORK=${WORK:-/var/tmp/host-fs-bench}
 MODULE=${MODULE:-torch}
 CODE=${CODE:-import torch}
 STORE=${STORE:-file}
-REPEAT=3
-DEPS=""
-while [ $# -gt 0 ]; do
-    case $1 in
-        --deps) DEPS=$(realpath "$2"); shift 2 ;;
-        --repeat) REPEAT=$2; shift 2 ;;
-        *) echo "usage: $0 [--deps DIR] [--repeat N]"; exit 2 ;;
-    esac
-done
-rm -rf "$WORK"; mkdir -p "$WORK"
 . bench/gpu_lib.sh
+parse_args "$@" || exit 2
+rm -rf "$WORK"; mkdir -p "$WORK"
 [ -n "$DEPS" ] && install_deps "$DEPS" "$WORK"
 R=$WORK/root
 make_python_image "$R" >/dev/null || exit 2
