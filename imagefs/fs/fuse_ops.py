@@ -289,8 +289,11 @@ class FuseOps(pyfuse3.Operations):
     @_op("read")
     async def read(self, fh: int, off: int, size: int) -> Data | tuple[Data, ...]:
         parts = await self.fs.read_parts(fh, off, size, join=not self.reply_parts)
+        if len(parts) == 1:
+            self.metrics.read_bytes += len(parts[0])
+            return parts[0]
         self.metrics.read_bytes += sum(map(len, parts))
-        return parts[0] if len(parts) == 1 else parts if parts else b""
+        return parts or b""
 
     async def flush(self, fh: int) -> None:
         """Nothing is ever dirty: ENOSYS tells the kernel to stop sending flush on every close."""

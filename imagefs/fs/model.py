@@ -289,11 +289,13 @@ class ImageFS:
         node = self.index.inodes[fh - 1]
         pieces = self.pieces(node, offset, size)
         self._note_read(fh, node, pieces, offset, size)
-        if len(pieces) <= 1 or not join:
-            got: list[Data | None] = [self._peek(p) for p in pieces]
-            await self._wait_all(pieces, [i for i, d in enumerate(got) if d is None], got.__setitem__)
-            return tuple(d for d in got if d is not None)
-        return (await self._gather(pieces),)
+        if len(pieces) > 1 and join:
+            return (await self._gather(pieces),)
+        got: list[Data | None] = [self._peek(p) for p in pieces]
+        missing = [i for i, d in enumerate(got) if d is None]
+        if missing:  # most reads of a start-up find their chunk at hand: no coroutine for them
+            await self._wait_all(pieces, missing, got.__setitem__)
+        return tuple(got)  # type: ignore[arg-type]  # each None was filled, or _wait_all raised
 
     def _load_neighbors(self, chunk: int) -> None:
         """Chunk must be waited for: start loading the chunks after it in the background."""
@@ -334,12 +336,14 @@ class ImageFS:
         def put(i: int, data: Data) -> None:
             slots[i][:] = data
 
-        await self._wait_all(pieces, missing, put)
+        if missing:
+            await self._wait_all(pieces, missing, put)
         return out
 
     async def _wait_all(self, pieces: list[Piece], which: list[int],
                         put: Callable[[int, Data], None]) -> None:
-        """Wait for pieces[i] for each i in which, concurrently; put(i, data) as each arrives."""
+        """Wait for pieces[i] for each i in which (not empty), concurrently; put(i, data) as each
+        arrives."""
         if len(which) == 1:
             put(which[0], await self._wait_for(pieces[which[0]]))
             return
@@ -351,12 +355,11 @@ class ImageFS:
             except FSError as e:  # reported as itself, not wrapped in an exception group
                 errors.append(e)
 
-        if which:
-            async with trio.open_nursery() as nursery:
-                for i in which:
-                    nursery.start_soon(one, i)
-            if errors:
-                raise errors[0]
+        async with trio.open_nursery() as nursery:
+            for i in which:
+                nursery.start_soon(one, i)
+        if errors:
+            raise errors[0]
 
     def _peek_into(self, p: Piece, dst: memoryview) -> bool:
         digest = self.index.chunks[p.chunk]
