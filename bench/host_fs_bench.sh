@@ -28,5 +28,5 @@ PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} "$PY" -m bench.fs_bench --only torch 
     --repeat "$REPEAT" --rootfs "$R" --code "import sys; sys.path.insert(0, \"$SITE\"); $CODE" \
     --work "$WORK/fs" --out "${OUT_JSON:-$WORK/result.json}"
 rc=$?
-rm -rf "$R"
+rm -rf "$R" "$WORK/fs" "$WORK/pydeps"  # the rootfs, store and caches (GBs); the result stays
 exit $rc
