@@ -106,6 +106,38 @@ def test_tiers_memory_disk_store(store: ProbeStore, tmp_path: Path) -> None:
     assert second.disk is not None and second.disk.counters.hits == 1
 
 
+def test_load_times_say_where_a_wait_went(store: ProbeStore, tmp_path: Path) -> None:
+    """Each load from the store is timed whole and in its parts (the store request, decoding);
+    a load the host cache serves is timed apart; failed loads are not timed."""
+    store.delay = 0.05
+    (d, data), (d2, data2) = put_chunks(store, 2)
+
+    async def loads(f: ChunkFetcher) -> None:
+        assert await f.get(d, len(data)) == data
+        f.readahead([(d2, len(data2))])
+        while len(f.memory) < 2:
+            await trio.sleep(0.01)
+        store.down = True
+        with pytest.raises(ChunkUnavailable):
+            await f.get(Digest("0" * 64), 10)
+
+    f = ChunkFetcher(store, HostCache(tmp_path / "cache"), MemoryCache())
+    run(f, loads)
+    times = f.stats()["times"]
+    demand, ahead = times["demand"], times["readahead"]  # type: ignore[index]
+    assert demand["load"]["count"] == 1 and demand["store"]["count"] == 1 and demand["decode"]["count"] == 1
+    assert ahead["load"]["count"] == 1 and times["prefetch"]["load"]["count"] == 0  # type: ignore[index]
+    assert 50 <= demand["store"]["p50_us"] / 1000 <= demand["load"]["max_us"] / 1000 < 5_000
+    assert demand["decode"]["max_us"] < demand["load"]["max_us"] - demand["store"]["max_us"] + 1
+    assert demand["load"]["total_ms"] >= 50 and demand["disk"]["count"] == 0
+
+    again = ChunkFetcher(store, HostCache(tmp_path / "cache"), MemoryCache())  # a fresh mount
+    store.down = False
+    run(again, lambda g: g.get(d, len(data)))
+    times = again.stats()["times"]
+    assert times["demand"]["disk"]["count"] == 1 and times["demand"]["load"]["count"] == 0  # type: ignore[index]
+
+
 def test_one_fetch_for_many_readers(store: ProbeStore) -> None:
     store.delay = 0.05
     (d, data), = put_chunks(store, 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +175,9 @@ def test_cli_mount_stats_umount(mounter: Mounter, rich_image: tuple[Path, LocalS
     assert stats.returncode == 0, stats.stderr
     s = json.loads(stats.stdout)
     assert s["fetch"]["disk"]["max_bytes"] == 100 << 20 and s["fuse"]["ops"]["read"]["count"] >= 1
+    demand = s["fetch"]["times"]["demand"]  # reading /etc/passwd had to wait for its chunk
+    assert demand["load"]["count"] == s["fetch"]["by_kind"]["demand"]["chunks"] >= 1
+    assert demand["store"]["count"] == demand["load"]["count"] and demand["load"]["total_ms"] > 0
     direct = s["fetch"]["disk"]["direct_writes"]
     assert direct or not takes_o_direct(mounter.base / "clicache")  # not given up where it works
     # CPU: the event-loop thread (which serves the requests) is part of the whole daemon; the
@@ -186,6 +190,7 @@ def test_cli_mount_stats_umount(mounter: Mounter, rich_image: tuple[Path, LocalS
     assert later["loop_s"] > cpu["loop_s"] and later["process_s"] >= later["loop_s"]
     human = coldstart("stats", str(mp))
     assert "host" in human.stdout and "p99 us" in human.stdout
+    assert re.search(r"^  demand +store +\d+ ", human.stdout, re.M), human.stdout  # the loads table
     assert "s serving FUSE requests)" in human.stdout
     assert ("(O_DIRECT writes)" if direct else "(buffered writes)") in human.stdout
     trace = json.loads(coldstart("stats", str(mp), "--trace").stdout)

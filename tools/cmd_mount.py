@@ -121,6 +121,7 @@ def _print_stats(s: dict[str, Any]) -> None:
           f"({human_bytes(f['raw_bytes_fetched'])} raw), {f['errors']} errors, {f['joined']} joined")
     for kind, c in f["by_kind"].items():
         print(f"  {kind:<10}{c['chunks']} chunks, {human_bytes(c['bytes'])}")
+    _print_load_times(f.get("times") or {})
     m = f["memory"]
     print(f"memory    {m['hits']} hits, {m['misses']} misses, {m['chunks']} chunks "
           f"({human_bytes(m['bytes'])} of {human_bytes(m['max_bytes'])})")
@@ -151,3 +152,21 @@ def _print_stats(s: dict[str, Any]) -> None:
     for name, o in s["fuse"]["ops"].items():
         print(f"{name:<10}{o['count']:>9}{o['errors']:>8}{o['p50_us']:>9}{o['p90_us']:>9}"
               f"{o['p99_us']:>9}{o['max_us']:>10}")
+
+
+def _print_load_times(times: dict[str, Any]) -> None:
+    """How long chunk loads took, per kind: from the store (and its request and decoding) and
+    from the host cache; the total of the store loads is what readers of them waited at most."""
+    rows = [(kind, t) for kind, t in times.items() if t["load"]["count"] or t["disk"]["count"]]
+    if not rows:
+        return
+    print(f"{'loads':<12}{'from':<7}{'count':>7}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'total s':>9}"
+          f"{'store p50':>11}{'decode p50':>12}")
+    for kind, t in rows:
+        for source, o in (("store", t["load"]), ("host", t["disk"])):
+            if not o["count"]:
+                continue
+            parts = (f"{t['store']['p50_us'] / 1000:>11.2f}{t['decode']['p50_us'] / 1000:>12.2f}"
+                     if source == "store" else "")
+            print(f"  {kind:<10}{source:<7}{o['count']:>7}{o['p50_us'] / 1000:>9.2f}{o['p90_us'] / 1000:>9.2f}"
+                  f"{o['p99_us'] / 1000:>9.2f}{o['total_ms'] / 1000:>9.3f}{parts}")

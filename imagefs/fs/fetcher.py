@@ -31,6 +31,7 @@ from imagefs.chunks import Content, Digest
 from imagefs.errors import BlobNotFound, CorruptBlob, ImageFSError, StoreError
 from imagefs.fs.cache import HostCache, MemoryCache
 from imagefs.fs.errors import ChunkUnavailable
+from imagefs.fs.metrics import OpStats
 from imagefs.fs.model import Data
 from imagefs.store.base import BlobStore
 
@@ -68,9 +69,26 @@ class KindCounters:
     raw_bytes: int = 0  # their decompressed size
 
 
+class LoadTimes:
+    """How long loads of one kind took: where a reader's wait for a chunk goes."""
+
+    __slots__ = ("load", "store", "decode", "disk")
+
+    def __init__(self) -> None:
+        self.load = OpStats()  # a load from the store, start to content ready (a waiting reader's wait)
+        self.store = OpStats()  # its request to the store, in the worker thread
+        self.decode = OpStats()  # its decompression and blake3 check
+        self.disk = OpStats()  # a load the host cache served (read and checked)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"load": self.load.as_dict(), "store": self.store.as_dict(),
+                "decode": self.decode.as_dict(), "disk": self.disk.as_dict()}
+
+
 @dataclass
 class FetchCounters:
     by_kind: dict[str, KindCounters] = field(default_factory=lambda: {k: KindCounters() for k in KINDS})
+    times: dict[str, LoadTimes] = field(default_factory=lambda: {k: LoadTimes() for k in KINDS})
     joined: int = 0  # requests that waited for a load already in flight
     errors: int = 0  # loads that failed (store down, missing, corrupt)
     corrupt: int = 0  # chunks the store returned corrupt
@@ -88,7 +106,8 @@ class FetchCounters:
                 "raw_bytes_fetched": total.raw_bytes, "joined": self.joined, "errors": self.errors,
                 "corrupt": self.corrupt, "background_skipped": self.background_skipped,
                 "pack_reads": self.pack_reads, "pack_dropped": self.pack_dropped,
-                "by_kind": {k: dict(vars(c)) for k, c in self.by_kind.items()}}
+                "by_kind": {k: dict(vars(c)) for k, c in self.by_kind.items()},
+                "times": {k: t.as_dict() for k, t in self.times.items()}}
 
 
 PackPart = tuple[Digest, int, int, int]  # (chunk, offset in the chunk, length, offset in the segment)
@@ -353,10 +372,13 @@ class ChunkFetcher:
 
     async def _load(self, digest: Digest, size: int, kind: str, flight: _Flight) -> None:
         from_store = False  # only chunks from the store are written to the host cache
+        start = time.perf_counter_ns()
         try:
             data, from_store = await self._obtain(digest, size, kind)
             if data is not None:
                 self.memory.put(digest, data)
+                times = self.counters.times[kind]
+                (times.load if from_store else times.disk).add(time.perf_counter_ns() - start, False)
             flight.data = data
         except ChunkUnavailable as e:
             self.counters.errors += 1
@@ -466,8 +488,8 @@ class ChunkFetcher:
 
     async def _from_store(self, digest: Digest, size: int, kind: str) -> Content:
         try:
-            stored, data = await trio.to_thread.run_sync(self._fetch_sync, digest,
-                                                         limiter=self._store_slots)
+            stored, data, store_ns, decode_ns = await trio.to_thread.run_sync(
+                self._fetch_sync, digest, limiter=self._store_slots)
         except CorruptBlob as e:
             self.counters.corrupt += 1
             log.error("chunk %s from the store is corrupt: %s", digest, e.reason)
@@ -479,16 +501,23 @@ class ChunkFetcher:
             self.counters.corrupt += 1
             log.error("chunk %s has %d bytes, the index says %d", digest, len(data), size)
             raise ChunkUnavailable(digest, "size differs from the index", lasting=True)
+        times = self.counters.times[kind]
+        times.store.add(store_ns, False)
+        times.decode.add(decode_ns, False)
         c = self.counters.by_kind[kind]
         c.chunks += 1
         c.bytes += stored
         c.raw_bytes += len(data)
         return data
 
-    def _fetch_sync(self, digest: Digest) -> tuple[int, Content]:
+    def _fetch_sync(self, digest: Digest) -> tuple[int, Content, int, int]:
+        """(stored size, content, nanoseconds the store took, nanoseconds decoding took)."""
+        start = time.perf_counter_ns()
         blob = self.store.get(blobs.chunk_key(digest))
+        got = time.perf_counter_ns()
         # A chunk stored raw is held as a view of the fetched blob: no copy of it.
-        return len(blob), blobs.decode_view(blob, digest)
+        data = blobs.decode_view(blob, digest)
+        return len(blob), data, got - start, time.perf_counter_ns() - got
 
     # -- background: readahead and prefetch ----------------------------------------------------
     def readahead(self, chunks: Sequence[tuple[Digest, int]]) -> None:

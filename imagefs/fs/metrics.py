@@ -61,7 +61,8 @@ class OpStats:
     def as_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"count": self.count, "errors": self.errors,
                                "mean_us": round(self.total_ns / self.count / 1000, 1) if self.count else 0,
-                               "max_us": round(self.max_ns / 1000, 1)}
+                               "max_us": round(self.max_ns / 1000, 1),
+                               "total_ms": round(self.total_ns / 1e6, 3)}
         for p in _PERCENTILES:
             doc[f"p{p:g}_us"] = round(self.percentile_us(p), 1) if self.count else 0
         return doc
