@@ -249,7 +249,8 @@ def read_file(path: Path) -> float:
 
 
 def op_counts(stats: dict[str, Any], before: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Per-op count and in-daemon mean latency (µs); counts minus those of `before`."""
+    """Per-op count and in-daemon mean latency (µs), and as "load:KIND" the chunk loads from the
+    store of each kind (a waiting reader's wait); counts minus those of `before`."""
     ops = stats["fuse"]["ops"]
     prev = before["fuse"]["ops"] if before else {}
     out: dict[str, Any] = {}
@@ -258,6 +259,13 @@ def op_counts(stats: dict[str, Any], before: dict[str, Any] | None = None) -> di
         if n:
             total_us = s["mean_us"] * s["count"] - prev.get(name, {}).get("mean_us", 0) * (s["count"] - n)
             out[name] = {"count": n, "mean_us": round(total_us / n, 1), "p99_us": s["p99_us"]}
+    prev_times = before["fetch"].get("times", {}) if before else {}
+    for kind, t in stats.get("fetch", {}).get("times", {}).items():  # absent in code before them
+        s, p = t["load"], prev_times.get(kind, {}).get("load", {})
+        n = s["count"] - p.get("count", 0)
+        if n:
+            total_ms = s["total_ms"] - p.get("total_ms", 0)
+            out[f"load:{kind}"] = {"count": n, "mean_us": round(total_ms * 1000 / n, 1), "p99_us": s["p99_us"]}
     return out
 
 

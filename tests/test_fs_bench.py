@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bench.fs_bench import summarise, table
+from bench.fs_bench import op_counts, summarise, table
 from bench.util import Trash
 from runner.procs import process_cpu_seconds
 
@@ -62,3 +62,22 @@ def test_trash_moves_now_and_deletes_at_the_end(tmp_path: Path) -> None:
     assert all((tmp_path / "trash" / name / "chunks" / "c").read_bytes() == b"x" for name in kept)
     trash.empty()
     assert not (tmp_path / "trash").exists()
+
+
+def _stats(reads: int, read_us: float, loads: int | None, load_ms: float) -> dict:
+    doc: dict = {"fuse": {"ops": {"read": {"count": reads, "mean_us": read_us, "p99_us": 9.0}}}, "fetch": {}}
+    if loads is not None:
+        doc["fetch"]["times"] = {"demand": {"load": {"count": loads, "total_ms": load_ms, "p99_us": 8000.0}},
+                                 "prefetch": {"load": {"count": 0, "total_ms": 0.0, "p99_us": 0}}}
+    return doc
+
+
+def test_op_counts_include_the_chunk_loads_minus_those_before() -> None:
+    first, later = _stats(10, 20.0, 4, 24.0), _stats(30, 10.0, 6, 30.0)
+    assert op_counts(first) == {"read": {"count": 10, "mean_us": 20.0, "p99_us": 9.0},
+                                "load:demand": {"count": 4, "mean_us": 6000.0, "p99_us": 8000.0}}
+    since = op_counts(later, first)
+    assert since["read"] == {"count": 20, "mean_us": 5.0, "p99_us": 9.0}
+    assert since["load:demand"] == {"count": 2, "mean_us": 3000.0, "p99_us": 8000.0}
+    assert "load:prefetch" not in since
+    assert op_counts(_stats(1, 1.0, None, 0)) == {"read": {"count": 1, "mean_us": 1.0, "p99_us": 9.0}}
