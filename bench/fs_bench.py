@@ -251,22 +251,27 @@ def read_file(path: Path) -> float:
 def op_counts(stats: dict[str, Any], before: dict[str, Any] | None = None) -> dict[str, Any]:
     """Per-op count and in-daemon mean latency (µs), and as "load:KIND" the chunk loads from the
     store of each kind (a waiting reader's wait); counts minus those of `before`."""
-    ops = stats["fuse"]["ops"]
-    prev = before["fuse"]["ops"] if before else {}
-    out: dict[str, Any] = {}
-    for name, s in ops.items():
-        n = s["count"] - prev.get(name, {}).get("count", 0)
-        if n:
-            total_us = s["mean_us"] * s["count"] - prev.get(name, {}).get("mean_us", 0) * (s["count"] - n)
-            out[name] = {"count": n, "mean_us": round(total_us / n, 1), "p99_us": s["p99_us"]}
-    prev_times = before["fetch"].get("times", {}) if before else {}
+    rows = dict(stats["fuse"]["ops"])
+    prev = dict(before["fuse"]["ops"]) if before else {}
     for kind, t in stats.get("fetch", {}).get("times", {}).items():  # absent in code before them
-        s, p = t["load"], prev_times.get(kind, {}).get("load", {})
+        rows[f"load:{kind}"] = t["load"]
+        if before:
+            prev[f"load:{kind}"] = before["fetch"].get("times", {}).get(kind, {}).get("load", {})
+    out: dict[str, Any] = {}
+    for name, s in rows.items():
+        p = prev.get(name, {})
         n = s["count"] - p.get("count", 0)
         if n:
-            total_ms = s["total_ms"] - p.get("total_ms", 0)
-            out[f"load:{kind}"] = {"count": n, "mean_us": round(total_ms * 1000 / n, 1), "p99_us": s["p99_us"]}
+            out[name] = {"count": n, "mean_us": round((_total_us(s) - _total_us(p)) / n, 1),
+                         "p99_us": s["p99_us"]}
     return out
+
+
+def _total_us(s: dict[str, Any]) -> float:
+    """The summed latency of an OpStats document (code before `total_ms`: mean times count)."""
+    if "total_ms" in s:
+        return s["total_ms"] * 1000
+    return s.get("mean_us", 0) * s.get("count", 0)
 
 
 # -- one repeat of each group ----------------------------------------------------------------------
