@@ -14,9 +14,11 @@ from typing import Any
 
 from bench.util import write_json
 
-SPEC = """from imagefs import Image
+SPEC = """import os
+from imagefs import Image
+WHEELS = os.environ.get("COLDSTART_WHEELS", "/opt/wheels")  # as in bench/specs/torch.py
 app = (Image.debian_slim(python_version="3.11")
-       .pip_install("torch==2.13.0", find_links="/opt/wheels")
+       .pip_install("torch==2.13.0", find_links=WHEELS if os.path.isdir(WHEELS) else None)
        .run_commands("echo {version} > /etc/app-version"))
 """
 

@@ -48,10 +48,10 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Iterator, Protocol
 
+from bench.rootfs import build_torch
 from bench.util import Trash, cpu_ticks, drop_page_cache, machine, median, write_json
 from runner.procs import process_cpu_seconds
 
-ROOTFS = Path("/var/cache/coldstart-bench/torch")
 CODE = "import torch"
 BIG_SIZE = 1 << 30
 READ_BUF = 1 << 20
@@ -405,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tree", type=parse_tree, action="append", metavar="LABEL=DIR",
                    help="code to mount with (repeat to compare, e.g. base=... new=...); default: "
                         "this checkout")
-    p.add_argument("--rootfs", type=Path, default=ROOTFS)
+    p.add_argument("--rootfs", type=Path,
+                   help="the torch rootfs (default: bench.rootfs's, built first if missing)")
     p.add_argument("--code", default=CODE, help="Python code to time in the chroot")
     p.add_argument("--work", type=Path, default=Path("/var/tmp/fs_bench"), help="store, cache, mounts")
     p.add_argument("--out", type=Path, help="JSON results (default WORK/result.json)")
@@ -414,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", choices=["s3", "file"], default="s3",
                    help="SeaweedFS S3 on loopback (default), or a directory under --work")
     args = p.parse_args(argv)
+    if args.rootfs is None:
+        args.rootfs = build_torch()  # returns at once when it is built already
     with store_url(args.store, args.work) as (url, store_pid):
         b = Bench(args.work, args.rootfs, args.code, url, args.kernel_readahead_kb, store_pid)
         trees = [b.tree(label, root) for label, root in args.tree or [("this", Path(__file__).parents[1])]]

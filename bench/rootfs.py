@@ -18,6 +18,9 @@ from pathlib import Path
 from imagefs.builder.debian import apt_mirror
 
 CACHE = Path(os.environ.get("COLDSTART_BENCH_CACHE", "/var/cache/coldstart-bench"))
+# Wheels pip in the chroot may take (the torch CPU wheel on this project's machines); where the
+# directory is missing, pip takes everything from PyPI.
+WHEELS = os.environ.get("COLDSTART_WHEELS", "/opt/wheels")
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 TORCH_SPEC = "torch==2.13.0"
 EXTRA_PACKAGE = "six==1.16.0"
@@ -32,7 +35,7 @@ def _chroot_pip(root: Path, *args: str) -> None:
     shutil.copyfile(CA_BUNDLE, root / "etc/ssl/certs/ca-certificates.crt")
     wheels = root / "tmp/wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    for whl in glob.glob("/opt/wheels/*.whl"):
+    for whl in glob.glob(os.path.join(WHEELS, "*.whl")):
         shutil.copy(whl, wheels)
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/root", "PIP_ROOT_USER_ACTION": "ignore",
            "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_CACHE_DIR": "1"}

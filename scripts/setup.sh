@@ -24,10 +24,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# containerd and docker-registry are started by tests/benchmarks themselves, on private sockets
-# and loopback ports; the distribution's own services are not needed.
+# containerd and docker-registry are started by the tests and benchmarks themselves, on private
+# sockets and loopback ports. Debian starts their own services on install: those this run
+# installed are switched off again; one that was installed before (a host's Docker runs on its
+# containerd) is left as it is.
 for svc in containerd docker-registry; do
-  systemctl disable --now "$svc" >/dev/null 2>&1 || true
+  if [[ " ${missing[*]} " == *" $svc "* ]]; then
+    systemctl disable --now "$svc" >/dev/null 2>&1 || true
+  fi
 done
 
 PY=${PYTHON:-python3}

@@ -186,9 +186,14 @@ def test_keep_preserves_writable_layer(runner_env: RunnerEnv) -> None:
 
 
 def test_resource_limits_apply(runner_env: RunnerEnv) -> None:
-    cap = runner_env.run("sh", "-c", "cat /sys/fs/cgroup/pids/pids.max /sys/fs/cgroup/memory/memory.limit_in_bytes "
-                         "/sys/fs/cgroup/cpu/cpu.cfs_quota_us", pids_limit=32, memory=64 << 20, cpus=0.5)
-    assert cap.out.split() == ["32", str(64 << 20), "50000"]
+    # The container sees cgroup v2 files on a unified host (Debian 12's default), v1 files on a
+    # v1 or hybrid host (this project's machines).
+    script = ("cd /sys/fs/cgroup; if [ -f cgroup.controllers ]; then echo v2; cat pids.max memory.max cpu.max; "
+              "else echo v1; cat pids/pids.max memory/memory.limit_in_bytes cpu/cpu.cfs_quota_us; fi")
+    cap = runner_env.run("sh", "-c", script, pids_limit=32, memory=64 << 20, cpus=0.5)
+    version, *values = cap.out.split()
+    expected = {"v1": ["32", str(64 << 20), "50000"], "v2": ["32", str(64 << 20), "50000", "100000"]}
+    assert values == expected[version]
 
 
 def test_setuid_obeys_no_new_privileges(runner_env: RunnerEnv, tmp_path: Path) -> None:
