@@ -86,7 +86,8 @@ def _options(ctx: Context, w: Workload, image: str) -> RunOptions:
 
 def _record(w: Workload, mode: str, rep: int, result: Any, extra_s: float = 0.0,
             phases: dict[str, float] | None = None) -> Record:
-    t = {k: float(v) for k, v in result.timings.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    t = {k: float(v) for k, v in result.timings.items()  # seconds since the run began (not started_at)
+         if k != "started_at" and isinstance(v, (int, float)) and not isinstance(v, bool)}
     shifted = {k: v + extra_s for k, v in t.items()}
     ready = shifted.get("ready", shifted.get("exit", float("nan")))
     return Record(w.name, mode, rep, result.exit_code == 0 and result.ready, ready, {**(phases or {}), **shifted})

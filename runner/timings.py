@@ -19,6 +19,7 @@ class Timings:
     def __init__(self, clock: object = time.monotonic) -> None:
         self._clock = clock if callable(clock) else time.monotonic
         self.start = self._clock()
+        self.started_at = time.time()  # wall clock, to line up the phases of concurrent runs
         self.marks: dict[str, float] = {}
         self.mount_cold: bool | None = None
         self.total: float | None = None
@@ -36,6 +37,7 @@ class Timings:
         doc: dict[str, float | bool | None] = {p: self.marks.get(p) for p in PHASES}
         doc["mount_cold"] = self.mount_cold
         doc["total"] = self.total
+        doc["started_at"] = self.started_at
         return doc
 
     def human(self) -> str:

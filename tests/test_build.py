@@ -194,6 +194,8 @@ def test_interrupted_build_leaves_nothing_behind(env: Env, sig: signal.Signals) 
     # not set off the signal before the build has even exec'd, when it would be lost).
     while time.monotonic() < deadline and "sleep 60" not in _container_cmds():
         time.sleep(0.1)
+    # The step is running (a build that failed early would pass the checks below for the wrong reason).
+    assert "sleep 60" in _container_cmds() and proc.poll() is None
     proc.send_signal(sig)
     proc.wait(timeout=60)
     assert proc.returncode != 0

@@ -2,6 +2,7 @@
 prefetch; order, no double fetch, stale entries, cancellation on unmount."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 
 from imagefs import profile as profiles
 from imagefs.fs import mounts
@@ -89,7 +91,7 @@ def test_record_store_load_in_first_touch_order(tmp_path: Path) -> None:
 
 
 @needs_runc
-def test_run_record_profile_then_replay(tmp_path: Path) -> None:
+def test_run_record_profile_then_replay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store, image_id = _image(tmp_path)
     r = cs(tmp_path, "run", "--record-profile", "prof:1", "--", "/bin/sh", "-c", "cat /b > /dev/null")
     assert r.returncode == 0 and "recorded profile" in r.stderr, r.stderr
@@ -97,9 +99,20 @@ def test_run_record_profile_then_replay(tmp_path: Path) -> None:
     assert set(_chunks_of(store, image_id, "/b")) <= recorded
     shared = {d for d, n in _owners(load_index(store, image_id)).items() if n > 1}
     assert not (set(_chunks_of(store, image_id, "/c")) - shared) & recorded  # /c's own chunks unread
+    prof = profiles.load(store, read_tag(store, parse_ref("prof:1"))["profile"])
+    assert prof.pack  # what the replay below must find mapped
     r = cs(tmp_path, "run", "prof:1", "--", "/bin/sh", "-c", "cat /b | md5sum")
-    assert r.returncode == 0, r.stderr
-    cs(tmp_path, "umount", "--all")
+    try:
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split()[0] == hashlib.md5((tmp_path / "root" / "b").read_bytes()).hexdigest()
+        # The run's shared mount (it lingers for the next container) replayed the tag's profile:
+        # its read-set pack is mapped, which no other prefetch source has.
+        monkeypatch.setenv("COLDSTART_RUN_DIR", str(tmp_path / "run"))
+        (state,) = mounts.list_mounts()
+        assert state["image"] == image_id
+        assert mounts.read_stats(state["mountpoint"])["fetch"]["pack_segments"] == len(prof.pack)
+    finally:
+        cs(tmp_path, "umount", "--all")
 
 
 def _wait(pred, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]

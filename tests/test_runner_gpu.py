@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +153,7 @@ def test_discover_without_driver_library_is_a_clear_error(tmp_path: Path) -> Non
         discover(GpuHost(root=tmp_path, nvml=FakeNvml(fail=FakeNvml.NVMLError_LibraryNotFound())))
 
 
+@pytest.mark.may_skip
 def test_discover_with_the_real_nvml_on_a_host_without_gpus(tmp_path: Path) -> None:
     if Path("/proc/driver/nvidia/version").exists():
         pytest.skip("this host has an NVIDIA driver")
@@ -321,19 +323,23 @@ def test_cdi_run_dir_takes_priority(fake_host: GpuHost, tmp_path: Path) -> None:
     assert plan_gpus("nvidia.com/gpu=0", [], [], fake_host).edits(tmp_path).env == {"WHICH": "run"}
 
 
-def test_cdi_yaml(fake_host: GpuHost, tmp_path: Path) -> None:
-    path = _write_cdi(fake_host, "etc/cdi/nvidia.yaml", _cdi_spec(fake_host))  # JSON is valid YAML
-    try:
-        import yaml  # noqa: F401
-        have_yaml = True
-    except ImportError:
-        have_yaml = False
-    if not have_yaml:
-        with pytest.raises(GpuError, match="PyYAML is not installed"):
-            plan_gpus("nvidia.com/gpu=0", [], [], fake_host)
-    loader_host = GpuHost(root=fake_host.root, yaml_load=json.loads)
+def test_cdi_yaml(fake_host: GpuHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+    path = fake_host.root / "etc/cdi/nvidia.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(_cdi_spec(fake_host), default_flow_style=False))  # block style: not JSON
+    assert not path.read_text().lstrip().startswith("{")
+    # the default loader (PyYAML's safe_load) reads it
+    assert plan_gpus("nvidia.com/gpu=0", [], [], fake_host).edits(tmp_path).env["CDI_MARK"] == "1"
+    # a host loader given instead is the one used
+    seen: list[str] = []
+    loader_host = GpuHost(root=fake_host.root, yaml_load=lambda text: seen.append(text) or yaml.safe_load(text))
     assert plan_gpus("nvidia.com/gpu=0", [], [], loader_host).edits(tmp_path).env["CDI_MARK"] == "1"
-    assert path.exists()
+    assert seen
+    # without PyYAML a YAML spec is a clear error, not a crash
+    monkeypatch.setitem(sys.modules, "yaml", None)
+    with pytest.raises(GpuError, match="PyYAML is not installed"):
+        plan_gpus("nvidia.com/gpu=0", [], [], fake_host)
 
 
 # -- real containers --------------------------------------------------------------------------------

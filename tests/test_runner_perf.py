@@ -63,19 +63,35 @@ def _p90(values: list[float]) -> float:
     return ordered[round(0.9 * (len(ordered) - 1))]
 
 
-def _starts(env: RunnerEnv, tmp: Path, tag: str, count: int) -> list[float]:
+def _starts(env: RunnerEnv, tmp: Path, tag: str, count: int) -> list[dict[str, float]]:
+    """The timings of count runs started at once."""
     outs = [tmp / f"{tag}{i}.json" for i in range(count)]
     procs = [subprocess.Popen(env.harness("--timings-json", str(out), "x:1", "--", "true"), stderr=subprocess.DEVNULL)
              for out in outs]
     assert [p.wait(timeout=120) for p in procs] == [0] * count
-    return [json.loads(out.read_text())["runc_start"] for out in outs]
+    return [json.loads(out.read_text()) for out in outs]
+
+
+def _most_at_once(runs: list[dict[str, float]]) -> int:
+    """The most runs that were between writing their spec and runc start returning at one moment."""
+    events = sorted(e for r in runs for e in ((r["started_at"] + r["spec_ready"], 1),
+                                               (r["started_at"] + r["runc_start"], -1)))
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
 
 
 def test_sixteen_concurrent_starts_p90_within_twice_one(runner_env: RunnerEnv, tmp_path: Path) -> None:
-    single = statistics.median(_starts(runner_env, tmp_path, f"s{i}-", 1)[0] for i in range(5))
-    p90 = _p90(_starts(runner_env, tmp_path, "c", 16))
-    measured = f"p90 of 16 concurrent {p90 * 1000:.0f} ms, single {single * 1000:.0f} ms"
+    single = statistics.median(_starts(runner_env, tmp_path, f"s{i}-", 1)[0]["runc_start"] for i in range(5))
+    runs = _starts(runner_env, tmp_path, "c", 16)
+    p90 = _p90([r["runc_start"] for r in runs])
+    at_once = _most_at_once(runs)
+    measured = f"p90 of 16 concurrent {p90 * 1000:.0f} ms, single {single * 1000:.0f} ms, {at_once} at once"
+    # Nothing of ours serialises the starts: their runc create + start overlap (a lock around
+    # them would leave one at a time; 10 were seen at once on 2 CPUs), whatever the CPUs.
+    assert at_once >= 4, measured
     cpus = os.cpu_count() or 1
-    if cpus < 8:  # runc alone burns ~40 ms of CPU per start: 16 at once cannot finish in 2x on few cores
-        pytest.skip(f"the 2x bound needs >= 8 CPUs (this host has {cpus}); measured: {measured}")
-    assert p90 <= 2 * single, measured
+    if cpus >= 8:  # runc alone burns ~40 ms of CPU per start: 16 at once cannot finish in 2x on few cores
+        assert p90 <= 2 * single, measured

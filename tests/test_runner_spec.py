@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import pytest
@@ -256,7 +257,8 @@ def test_timings_keys_and_first_mark_wins() -> None:
     t.mount_cold = True
     t.finish()
     doc = t.as_dict()
-    assert set(doc) == set(PHASES) | {"mount_cold", "total"}
+    assert set(doc) == set(PHASES) | {"mount_cold", "total", "started_at"}
+    assert abs(doc["started_at"] - time.time()) < 60  # type: ignore[operator]
     assert doc["image_resolved"] == 0.5 and doc["total"] == 1.0 and doc["ready"] is None
     assert "image resolved" in t.human() and "(cold)" not in t.human()
     with pytest.raises(ValueError):

@@ -205,9 +205,9 @@ def test_a_closed_port_is_temporary() -> None:
 def test_idle_connections_are_bounded(fake: tuple[Script, str]) -> None:
     script, endpoint = fake
     pool = ConnectionPool(endpoint, max_idle=2, connect_timeout=1, read_timeout=1)
-    conns = [pool.take()[0] for _ in range(5)]
-    assert all(not reused for reused in [False] * 5)
-    for c in conns:
+    taken = [pool.take() for _ in range(5)]
+    assert [reused for _, reused in taken] == [False] * 5  # nothing idle yet: five new connections
+    for c, _ in taken:
         pool.give(c)
     assert len(pool._idle) == 2
     assert pool.take()[1] is True

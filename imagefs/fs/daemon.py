@@ -80,6 +80,9 @@ class DaemonConfig:
     # Without a profile: prefetch what the last mount of the image on this host touched first
     # (kept in the host cache directory, imagefs.profile.learn); it goes before a guess.
     learned: bool = True
+    # Answer open/opendir with ENOSYS so the kernel stops sending them (fuse_ops.FuseOps);
+    # None: wherever the pyfuse3 build allows it. False serves opens (a stock pyfuse3's way).
+    skip_open: bool | None = None
     verbose: int = 0
 
     def to_json(self) -> str:
@@ -140,7 +143,7 @@ class Daemon:
         self.trace = AccessTrace(config.trace_limit)
         policy = ReadaheadPolicy(max_bytes=config.readahead_max)
         self.fs = ImageFS(self.index, self.fetcher, trace=self.trace, readahead=policy)
-        self.ops = FuseOps(self.fs)
+        self.ops = FuseOps(self.fs, skip_open=self.config.skip_open)
         self.signalled = False
         self.polling_us = 0  # what _start_polling turned on
         self.startup.mark("model")
