@@ -180,6 +180,16 @@ class ContainerdServer:
         lines = self.ctr(*args, "ls").stdout.splitlines()[1:]
         return [line.split()[0] for line in lines if line.strip()]
 
+    def content_size(self) -> tuple[int, int]:
+        """(bytes, blobs) in the content store: after a pull into an empty store (make_cold), what
+        the pull fetched from the registry, each blob once (sizes read from the blob files)."""
+        blobs = self.workdir / "root" / "io.containerd.content.v1.content" / "blobs"
+        sizes = []
+        for digest in self.listing("content"):
+            algo, _, hexdigest = digest.partition(":")
+            sizes.append((blobs / algo / hexdigest).stat().st_size)
+        return sum(sizes), len(sizes)
+
     def leftovers(self) -> dict[str, list[str]]:
         """What this namespace still holds: images, containers, tasks, snapshots, content."""
         return {"images": self.listing("images"), "containers": self.listing("containers"),
@@ -271,6 +281,8 @@ class CtrRun:
     exit_s: float
     exit_code: int
     error: str = ""
+    fetched_bytes: int = 0  # what the pull brought into the (emptied) content store
+    fetched_blobs: int = 0
 
 
 class _Output:
@@ -317,6 +329,7 @@ def pull_and_run(server: ContainerdServer, ref: str, command: list[str], ready_r
     t0 = time.monotonic()
     server.ctr("images", "pull", "--plain-http", ref, timeout=PULL_TIMEOUT)
     pulled = time.monotonic() - t0
+    fetched = server.content_size()
     cid = f"bench-{uuid.uuid4().hex[:12]}"
     argv = server.ctr_argv("run", "--rm", "--runtime", RUNTIME, ref, cid, *command)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -330,9 +343,10 @@ def pull_and_run(server: ContainerdServer, ref: str, command: list[str], ready_r
         ok = seen and code == 0
         error = "" if ok else (f"ctr run exited {code}{'' if seen else ' without the ready line'}: "
                                f"{output.stderr.decode(errors='replace').strip()[-300:]}")
-        return CtrRun(ok, pulled, ready if seen else float("nan"), time.monotonic() - t0, code, error)
+        return CtrRun(ok, pulled, ready if seen else float("nan"), time.monotonic() - t0, code, error, *fetched)
     except subprocess.TimeoutExpired:
-        return CtrRun(False, pulled, float("nan"), float("nan"), -1, f"ctr run timed out after {timeout:.0f} s")
+        return CtrRun(False, pulled, float("nan"), float("nan"), -1, f"ctr run timed out after {timeout:.0f} s",
+                      *fetched)
     finally:
         proc.kill()
         proc.wait()

@@ -149,8 +149,8 @@ def run_containerd(ctx: Context, w: Workload, image_id: str, rep: int) -> Record
     drop_page_cache()
     res = pull_and_run(ctx.containerd.containerd, pushed.ref, list(w.command), READY)
     phases = {"pull": res.pull_s, "ready": res.ready_s, "exit": res.exit_s}
-    return Record(w.name, "containerd", rep, res.ok, res.ready_s, phases, bytes_fetched=pushed.total_bytes,
-                  fetches=pushed.blobs, error=res.error)
+    return Record(w.name, "containerd", rep, res.ok, res.ready_s, phases, bytes_fetched=res.fetched_bytes,
+                  fetches=res.fetched_blobs, error=res.error)
 
 
 def run_lazy(ctx: Context, w: Workload, image_id: str, mode: str, rep: int, tag: str = "") -> Record:
