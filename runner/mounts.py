@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import threading
 from pathlib import Path
 
 from runner.errors import MountError
@@ -90,12 +91,30 @@ def is_mounted(path: Path) -> bool:
     return str(path) in mount_points()
 
 
-def mount_healthy(path: Path) -> bool:
-    """Mounted and answering (a FUSE mount whose daemon died gives ENOTCONN)."""
+PROBE_PREFIX = ".coldstart-probe-"  # as imagefs.fs.trace.PROBE_PREFIX (left out of access traces)
+
+
+def mount_healthy(path: Path, timeout: float = 5.0) -> bool:
+    """Mounted and answering. A FUSE mount whose daemon died answers ENOTCONN, but only to the
+    requests that reach it: the kernel still answers a stat of its root from the attributes it
+    holds, so a name never asked for before is looked up too (ENOENT is the healthy answer). A
+    mount that does not answer within timeout is not healthy either."""
     if not is_mounted(path):
         return False
-    try:
-        os.stat(path)
-        return True
-    except OSError:
-        return False
+    answers: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.stat(path)
+            os.stat(path / f"{PROBE_PREFIX}{os.urandom(8).hex()}")
+        except FileNotFoundError:
+            pass
+        except OSError:
+            answers.append(False)
+            return
+        answers.append(True)
+
+    thread = threading.Thread(target=probe, daemon=True, name="mount-probe")
+    thread.start()
+    thread.join(timeout)
+    return answers == [True]

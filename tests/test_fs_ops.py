@@ -19,7 +19,7 @@ from imagefs.fs.cache import HostCache, MemoryCache
 from imagefs.fs.fetcher import ChunkFetcher
 from imagefs.fs.fuse_ops import FuseOps, errno_for
 from imagefs.fs.model import ImageFS, ReadaheadPolicy
-from imagefs.fs.trace import AccessTrace
+from imagefs.fs.trace import PROBE_PREFIX, AccessTrace
 from imagefs.images import load_index
 from imagefs.index import ImageIndex
 from imagefs.store.local import LocalStore
@@ -385,6 +385,7 @@ def test_trace_keeps_each_lookup_and_listing_once_in_order(image: tuple[Path, Lo
         await ops.lookup(etc, b"passwd")
         await ops.lookup(etc, b"passwd")  # asked again (the kernel forgot it): traced once
         assert (await ops.lookup(etc, b"nope")).st_ino == 0
+        assert (await ops.lookup(etc, PROBE_PREFIX + b"0123")).st_ino == 0  # a health probe: not traced
         await ops.lookup(etc, b"..")  # not a name of the image
         many = await resolve(ops, "many")
         fh = await ops.opendir(many, None)

@@ -16,7 +16,7 @@ import trio
 from imagefs.chunks import Content, Digest
 from imagefs.fs.errors import (AccessDenied, BadHandle, FSError, IsADirectory, NoAttribute, NoEntry,
                                NotADirectory, NotASymlink, ReadOnly)
-from imagefs.fs.trace import AccessTrace
+from imagefs.fs.trace import PROBE_PREFIX, AccessTrace
 from imagefs.index import ImageIndex, Inode
 
 BLOCK_SIZE = 4096
@@ -27,6 +27,7 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
 Data = bytes | memoryview | bytearray
+
 
 
 class ChunkSource(Protocol):
@@ -164,8 +165,8 @@ class ImageFS:
         if name == b"..":
             return self.index.parent_of.get(parent, parent)
         ino = self.index.children[parent].get(name)
-        if self.trace is not None:
-            self.trace.lookup(parent, name)
+        if self.trace is not None and not (ino is None and name.startswith(PROBE_PREFIX)):
+            self.trace.lookup(parent, name)  # (a health probe is no part of what a workload reads)
         if ino is None:
             raise NoEntry(f"no {name!r} in directory {parent}")
         return ino

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from imagefs.chunks import is_digest
 from imagefs.fs.cache import DEFAULT_MEMORY_SIZE, DEFAULT_SIZE, default_cache_dir
 from imagefs.fs.errors import MountError
+from imagefs.fs.trace import PROBE_PREFIX
 from imagefs.images import resolve
 from imagefs.indexcache import IndexCache
 from imagefs.store.factory import default_store_url, open_store
@@ -213,7 +214,7 @@ def mount_is_dead(mp: str, timeout: float = 2.0) -> bool:
 
     def probe() -> None:  # a name never looked up, so the kernel has to ask the daemon
         try:
-            os.stat(os.path.join(mp, f".coldstart-probe-{os.urandom(8).hex()}"))
+            os.stat(os.path.join(mp, f"{PROBE_PREFIX.decode()}{os.urandom(8).hex()}"))
             result.append(0)
         except OSError as e:
             result.append(e.errno or 0)

@@ -31,6 +31,12 @@ LIST = "list"  # inode: the directory listed
 NAME_KINDS = frozenset({LOOKUP, LIST})
 
 
+# Names looked up only to see whether a mount answers (imagefs.fs.mounts.mount_is_dead,
+# runner.mounts.mount_healthy), random after the prefix so the kernel never has them cached:
+# the model leaves them out of the trace.
+PROBE_PREFIX = b".coldstart-probe-"
+
+
 class AccessTrace:
     """First touches of inodes (on open), chunks (on read) and names (on lookup and listing),
     with monotonic timestamps."""
