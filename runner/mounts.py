@@ -45,8 +45,12 @@ def _overlay_path(path: Path) -> str:
 
 
 def mount_overlay(lower: Path, upper: Path, work: Path, target: Path, volatile: bool) -> None:
-    """Mount a writable overlay (nodev: device nodes shipped in the image never open)."""
-    data = f"lowerdir={_overlay_path(lower)},upperdir={_overlay_path(upper)},workdir={_overlay_path(work)}"
+    """Mount a writable overlay (nodev: device nodes shipped in the image never open). Directory
+    renames and metadata-only copy-ups are pinned off, whatever the host's module defaults: the
+    upper directory then holds every changed file whole and every renamed directory in full,
+    which is what an image build reads back from it (imagefs.builder.diff)."""
+    data = (f"lowerdir={_overlay_path(lower)},upperdir={_overlay_path(upper)},workdir={_overlay_path(work)}"
+            ",redirect_dir=off,metacopy=off")
     if volatile:
         data += ",volatile"
     mount("overlay", target, "overlay", MS_NODEV, data)

@@ -1,10 +1,15 @@
 """Host-wide shared mounts: one mount per image, counted by live holders, restarted when broken."""
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import shutil
+import signal
 import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -250,55 +255,44 @@ def test_a_lingering_mount_of_another_store_is_not_reused(tmp_path: Path, monkey
         cs("store2", "umount", "--all")
 
 
-def test_daemon_killed_under_a_running_container(tmp_path: Path) -> None:
+def test_daemon_killed_under_a_running_container(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real thing: `coldstart run` on a lazy mount whose daemon is killed (SIGKILL) while the
     container runs. The container's next read fails (no hang, no wrong bytes), the run ends and
     cleans up, and the next run of the image mounts it afresh and reads it right."""
-    import hashlib
-    import random
-    import signal
-    import sys
-    import time
-
     root = make_busybox_root(tmp_path / "root")
     (root / "big").write_bytes(random.Random(5).randbytes(8 << 20))  # unread until after the kill
     want = hashlib.md5((root / "big").read_bytes()).hexdigest()
     store = LocalStore(tmp_path / "store", fsync=False)
     image_id, _ = write_image(store, import_rootfs(str(root)))
     set_tag(store, parse_ref("x:1"), image_id)
-    env = dict(os.environ, COLDSTART_STORE=f"file://{tmp_path}/store", COLDSTART_RUN_DIR=str(tmp_path / "run"),
-               COLDSTART_CACHE=str(tmp_path / "cache"))
+    monkeypatch.setenv("COLDSTART_STORE", f"file://{tmp_path}/store")
+    monkeypatch.setenv("COLDSTART_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("COLDSTART_CACHE", str(tmp_path / "cache"))
 
     def cs(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "tools.cli", *args], capture_output=True, text=True,
-                              env=env, timeout=120)
+                              timeout=120)
     proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "run", "--no-prefetch", "x:1", "--",
                              "sh", "-c", "echo up; sleep 1; md5sum /big; echo after"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout is not None and proc.stdout.readline() == "up\n"
-        old_run_dir = os.environ.get("COLDSTART_RUN_DIR")
-        os.environ["COLDSTART_RUN_DIR"] = str(tmp_path / "run")
         try:
+            assert proc.stdout is not None and proc.stdout.readline() == "up\n"
             (state,) = fs_mounts.list_mounts()
+            os.kill(int(state["pid"]), signal.SIGKILL)
+            start = time.monotonic()
+            out, err = proc.communicate(timeout=60)
+            assert time.monotonic() - start < 30
         finally:
-            if old_run_dir is None:
-                del os.environ["COLDSTART_RUN_DIR"]
-            else:
-                os.environ["COLDSTART_RUN_DIR"] = old_run_dir
-        os.kill(int(state["pid"]), signal.SIGKILL)
-        start = time.monotonic()
-        out, err = proc.communicate(timeout=60)
-        assert time.monotonic() - start < 30
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        # md5sum failed on the dead mount (the shell carried on): no checksum, right or wrong
+        assert out == "after\n", (out, err)
+        assert "md5sum" in err and ("not connected" in err or "I/O error" in err), err
+        again = cs("run", "--no-prefetch", "x:1", "--", "md5sum", "/big")
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.split()[0] == want
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    # md5sum failed on the dead mount (the shell carried on): no checksum, right or wrong
-    assert out == "after\n", (out, err)
-    assert "md5sum" in err and ("not connected" in err or "I/O error" in err), err
-    again = cs("run", "--no-prefetch", "x:1", "--", "md5sum", "/big")
-    assert again.returncode == 0, again.stderr
-    assert again.stdout.split()[0] == want
-    assert cs("umount", "--all").returncode == 0
+        assert cs("umount", "--all").returncode == 0
     assert not [line for line in Path("/proc/mounts").read_text().splitlines() if str(tmp_path) in line]

@@ -9,12 +9,17 @@ from __future__ import annotations
 import os
 import stat
 
+from imagefs.errors import InvalidSource
 from imagefs.importers.rootfs import node_from_stat
 from imagefs.index import ROOT_INO, ImageIndex
 from imagefs.tree import BuildTree, ExtentSource, Node
 
 OPAQUE = b"trusted.overlay.opaque"
 _PRIVATE = b"trusted.overlay."
+# An upper entry that is only metadata (its data stays in the lower file) or a directory renamed
+# in place: neither can be applied from the upper directory alone, so an overlay the builder
+# reads back is mounted without them (runner.mounts.mount_overlay); one that has them is refused.
+_UNREADABLE = (b"trusted.overlay.metacopy", b"trusted.overlay.redirect")
 
 
 def tree_from_index(index: ImageIndex) -> BuildTree:
@@ -50,7 +55,13 @@ def _is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def _public(node: Node) -> Node:
+def _public(node: Node, path: bytes) -> Node:
+    """node without overlayfs's own attributes; InvalidSource for an entry the upper directory
+    does not hold in full."""
+    for name in _UNREADABLE:
+        if name in node.xattrs:
+            raise InvalidSource(f"overlay upper entry {os.fsdecode(path)} has {name.decode()}: mount the "
+                                "overlay with redirect_dir=off,metacopy=off")
     node.xattrs = {k: v for k, v in node.xattrs.items() if not k.startswith(_PRIVATE)}
     return node
 
@@ -60,7 +71,7 @@ def apply_upper(tree: BuildTree, upper: str | os.PathLike[str]) -> int:
     top = os.fsencode(upper)
     links: dict[tuple[int, int], Node] = {}
     root_st = os.lstat(top)
-    _update_dir(tree.root, _public(node_from_stat(root_st, top)))
+    _update_dir(tree.root, _public(node_from_stat(root_st, top), top))
     return _apply_dir(tree, top, (), links)
 
 
@@ -81,7 +92,7 @@ def _apply_dir(tree: BuildTree, path: bytes, parts: tuple[bytes, ...], links: di
         if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1 and key in links:
             tree.put(here, links[key])
             continue
-        new = _public(node_from_stat(st, entry.path))
+        new = _public(node_from_stat(st, entry.path), entry.path)
         if stat.S_ISDIR(st.st_mode):
             changed += _apply_subdir(tree, entry.path, here, new, links)
             continue
