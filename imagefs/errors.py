@@ -67,3 +67,7 @@ class InvalidSource(ImageFSError):
     """An import source that is missing, truncated, or of an unknown format."""
 
     exit_code = 2
+
+
+class ExportError(ImageFSError):
+    """Writing an image out to a host directory failed (disk full, a name the target refuses, ...)."""

@@ -9,7 +9,7 @@ import os
 import stat
 from typing import Callable
 
-from imagefs.errors import InvalidSource, UnsafeInput
+from imagefs.errors import ExportError, InvalidSource, UnsafeInput
 from imagefs.index import ROOT_INO, ImageIndex, Inode
 from imagefs.reader import ChunkReader, iter_file
 
@@ -101,4 +101,10 @@ class _Exporter:
 def export_image(index: ImageIndex, reader: ChunkReader, target: str | os.PathLike[str],
                  progress: ProgressFn | None = None) -> None:
     """Write the tree to target (created if missing, must be empty)."""
-    _Exporter(index, reader, progress).run(os.fsencode(target))
+    try:
+        _Exporter(index, reader, progress).run(os.fsencode(target))
+    except RecursionError:
+        raise ExportError(f"export to {os.fsdecode(target)}: the image's tree is too deep") from None
+    except OSError as e:
+        where = f" {os.fsdecode(e.filename)}:" if e.filename else ""
+        raise ExportError(f"export to {os.fsdecode(target)}:{where} {e.strerror}") from None

@@ -129,8 +129,16 @@ def new_dir(mode: int = 0o755, **kw) -> Node:  # type: ignore[no-untyped-def]
     return Node(mode=stat.S_IFDIR | (mode & 0o7777), children={}, **kw)
 
 
+# What an image may hold. A name longer than Linux's NAME_MAX cannot be made on any filesystem;
+# no image needs a tree deeper than MAX_DEPTH, and every walk of a tree (import, build, export)
+# stays well inside Python's recursion limit with it.
+NAME_MAX = 255
+MAX_DEPTH = 256
+
+
 def normalise(path: bytes | str) -> tuple[bytes, ...]:
-    """Split a path into components, rejecting '..' and NUL; a leading '/' or './' is dropped."""
+    """Split a path into components, rejecting '..', NUL, names longer than NAME_MAX bytes and
+    paths deeper than MAX_DEPTH; a leading '/' or './' is dropped."""
     if isinstance(path, str):
         path = os.fsencode(path)
     if b"\0" in path:
@@ -138,6 +146,10 @@ def normalise(path: bytes | str) -> tuple[bytes, ...]:
     parts = tuple(p for p in path.split(b"/") if p and p != b".")
     if b".." in parts:
         raise UnsafeInput(f"path escapes the root: {path.decode(errors='replace')}")
+    if any(len(p) > NAME_MAX for p in parts):
+        raise UnsafeInput(f"path has a name longer than {NAME_MAX} bytes: {path[:80].decode(errors='replace')}...")
+    if len(parts) > MAX_DEPTH:
+        raise UnsafeInput(f"path is deeper than {MAX_DEPTH} directories: {path[:80].decode(errors='replace')}...")
     return parts
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from imagefs.builder.diff import apply_upper
-from imagefs.errors import InvalidSource
+from imagefs.errors import InvalidSource, UnsafeInput
 from imagefs.importers.rootfs import import_rootfs
 from runner.mounts import mount_overlay, unmount
 
@@ -73,3 +73,13 @@ def test_upper_with_metacopy_or_redirect_is_refused(tmp_path: Path, feature: str
     tree = import_rootfs(str(d["lower"]))
     with pytest.raises(InvalidSource, match="redirect_dir=off,metacopy=off"):
         apply_upper(tree, d["upper"])
+
+
+def test_a_too_deep_upper_directory_is_unsafe(tmp_path: Path) -> None:
+    """A step that made directories 300 deep (`mkdir -p a/a/...`): a clear error, not a crash."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    lower.mkdir()
+    upper.mkdir()
+    (upper / "/".join(["a"] * 300)).mkdir(parents=True)
+    with pytest.raises(UnsafeInput, match="deeper than 256 directories"):
+        apply_upper(import_rootfs(str(lower)), upper)

@@ -3,6 +3,7 @@ every kind of hostile or broken input, each with a clear one-line error or a doc
 from __future__ import annotations
 
 import base64
+import io
 import os
 import stat
 import subprocess
@@ -13,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from imagefs.errors import ImageFSError, InvalidSource, UnsafeInput
+from imagefs.errors import ExportError, ImageFSError, InvalidSource, UnsafeInput
 from imagefs.export import export_image
 from imagefs.images import load_index, parse_ref, read_tag, set_tag
 from imagefs.importers import Imported, open_source
+from imagefs.importers.rootfs import import_rootfs
 from imagefs.reader import ChunkReader
 from imagefs.store.local import LocalStore
 from imagefs.tree import Node
@@ -208,6 +210,26 @@ def test_sparse_members_get_a_sparse_spool_of_their_own(tmp_path):
             assert not node.source.path.endswith(b".tar")
 
 
+def _sparse_tar(tmp_path: Path, sparse_map: str, real_size: int) -> Path:
+    """A PAX 0.1 sparse member with the given map and size over 512 stored bytes, then a file."""
+    ti = tarfile.TarInfo("sparse")
+    ti.size = 512
+    ti.pax_headers = {"GNU.sparse.map": sparse_map, "GNU.sparse.size": str(real_size), "GNU.sparse.name": "sparse"}
+    return write_tar(tmp_path, [(ti, b"A" * 512), reg("after", b"ok")], name="sparse.tar")
+
+
+@pytest.mark.parametrize("sparse_map, real_size, message", [
+    ("0,-100,0,612", 1000, "sparse map outside the file"),
+    ("2000,512", 1000, "sparse map outside the file"),
+    ("0,512", 1 << 40, "sparse file of 1099511627776 bytes"),  # a header of a few bytes, a TiB of holes
+    ("0,512", 1 << 62, "sparse file of"),
+])
+def test_hostile_sparse_maps_and_sizes_are_invalid(tmp_path, sparse_map, real_size, message):
+    with pytest.raises(InvalidSource, match=message):
+        with imported(_sparse_tar(tmp_path, sparse_map, real_size)):
+            pass
+
+
 # -- whiteouts and layers ---------------------------------------------------------------------------
 
 def two_layers(tmp_path: Path, lower: list, upper: list) -> str:
@@ -325,13 +347,52 @@ def test_an_entry_through_a_symlink_of_a_lower_layer_is_rejected(tmp_path):
             pass
 
 
+def _pax_symlink(name: str, target: str):  # type: ignore[no-untyped-def]
+    """A symlink whose target is a PAX linkpath record (which may hold a NUL)."""
+    ti, data = symlink(name, "x")
+    ti.pax_headers = {"linkpath": target}
+    return ti, data
+
+
 def test_unsupported_entry_type_and_empty_symlink_are_invalid(tmp_path):
     odd = reg("volume", b"")
     odd[0].type = b"V"
-    for members, message in (([odd], "unsupported tar entry type"), ([symlink("s", "")], "empty target")):
+    for members, message in (([odd], "unsupported tar entry type"), ([symlink("s", "")], "empty target"),
+                             ([_pax_symlink("s", "/etc/passwd\0ignored")], "symlink target contains NUL"),
+                             ([symlink("s", "t" * 4096)], "symlink target longer than 4095 bytes")):
         with pytest.raises(InvalidSource, match=message):
             with imported(write_tar(tmp_path, members)):
                 pass
+    with imported(write_tar(tmp_path, [symlink("s", "t" * 4095)])) as imp:  # the longest Linux takes
+        assert node_at(imp, "s").target == b"t" * 4095
+
+
+def test_names_no_filesystem_can_hold_and_too_deep_trees_are_unsafe(tmp_path):
+    """A name longer than 255 bytes, a path deeper than 256 directories: refused at import, so
+    neither a mount nor an export of the image meets them."""
+    for members, message in (([reg("n" * 256, b"x")], "name longer than 255 bytes"),
+                             ([reg("/".join(["a"] * 257), b"x")], "deeper than 256 directories")):
+        with pytest.raises(UnsafeInput, match=message):
+            with imported(write_tar(tmp_path, members)):
+                pass
+    deepest = "/".join(["a"] * 255 + ["f"])  # 256 components: allowed, and it exports
+    out = store_and_export(tmp_path, write_tar(tmp_path, [reg("n" * 255, b"y"), reg(deepest, b"x")]))
+    assert (out / ("n" * 255)).read_bytes() == b"y"
+    assert (out / deepest).read_bytes() == b"x"
+
+
+def test_a_too_deep_rootfs_is_unsafe(tmp_path):
+    top = tmp_path / "rootfs"
+    top.mkdir()
+    fd = os.open(top, os.O_RDONLY)
+    for _ in range(300):  # made through directory fds: the path outgrows nothing here, but keep it so
+        os.mkdir("a", dir_fd=fd)
+        sub = os.open("a", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = sub
+    os.close(fd)
+    with pytest.raises(UnsafeInput, match="deeper than 256 directories"):
+        import_rootfs(str(top))
 
 
 # -- broken streams ---------------------------------------------------------------------------------
@@ -350,6 +411,7 @@ def _broken(kind: str) -> bytes:
         "truncated zstd": lambda: compress(tar, "zstd")[:-100],
         "corrupt zstd": lambda: compress(tar, "zstd")[:10] + b"\xff" * 50 + compress(tar, "zstd")[60:],
         "truncated tar": lambda: tar[:len(tar) // 2],
+        "tar cut at a member boundary": lambda: tar[:_member_offset(tar, 5)],  # f0..f4 whole, no end marker
         "corrupt tar header": lambda: tar[:512 * 41] + b"\x01" * 512 + tar[512 * 42:],
         "not a tar": lambda: b"hello, this is not an archive\n" * 100,
         "empty file": lambda: b"",
@@ -357,8 +419,14 @@ def _broken(kind: str) -> bytes:
     }[kind]()
 
 
+def _member_offset(tar: bytes, n: int) -> int:
+    """Where the header of the n-th member of tar starts."""
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        return t.getmembers()[n].offset
+
+
 BROKEN = ["truncated gzip", "corrupt gzip", "gzip with garbage after", "truncated zstd", "corrupt zstd",
-          "truncated tar", "corrupt tar header", "not a tar", "empty file", "xz"]
+          "truncated tar", "tar cut at a member boundary", "corrupt tar header", "not a tar", "empty file", "xz"]
 
 
 @pytest.mark.parametrize("kind", BROKEN)
@@ -399,3 +467,19 @@ def test_spool_files_live_exactly_as_long_as_the_context(tmp_path):
     with pytest.raises(InvalidSource):
         with imported(tmp_path / "missing.tar"):
             pass
+
+
+@pytest.mark.root
+def test_an_export_that_fails_is_an_export_error(tmp_path):
+    """A full disk (a 256 KiB tmpfs) while writing a 1 MiB file: ExportError naming the target."""
+    store = LocalStore(tmp_path / "store", fsync=False)
+    with imported(write_tar(tmp_path, [reg("big", os.urandom(1 << 20))])) as imp:
+        image_id, _ = write_image(store, imp.tree, imp.config)
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], check=True)
+    try:
+        with pytest.raises(ExportError, match=f"export to {small}/out: .*No space left"):
+            export_image(load_index(store, image_id), ChunkReader(store), small / "out")
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 import stat
 
-from imagefs.errors import InvalidSource
+from imagefs.errors import InvalidSource, UnsafeInput
 from imagefs.importers.rootfs import node_from_stat
 from imagefs.index import ROOT_INO, ImageIndex
-from imagefs.tree import BuildTree, ExtentSource, Node
+from imagefs.tree import MAX_DEPTH, BuildTree, ExtentSource, Node
 
 OPAQUE = b"trusted.overlay.opaque"
 _PRIVATE = b"trusted.overlay."
@@ -80,6 +80,8 @@ def _update_dir(old: Node, new: Node) -> None:
 
 
 def _apply_dir(tree: BuildTree, path: bytes, parts: tuple[bytes, ...], links: dict) -> int:  # type: ignore[type-arg]
+    if len(parts) >= MAX_DEPTH:
+        raise UnsafeInput(f"{os.fsdecode(path)[:200]}...: deeper than {MAX_DEPTH} directories")
     changed = 0
     for entry in sorted(os.scandir(path), key=lambda e: e.name):
         st = entry.stat(follow_symlinks=False)

@@ -25,8 +25,13 @@ Hostile or odd entries (nothing is ever created outside the temporary directory)
   what is already inside and takes the new metadata; anything else replaces the old entry whole;
 - character and block devices and fifos are metadata only (mode and rdev), never made on the host;
 - names and link targets that are not UTF-8 are kept byte for byte;
-- a truncated or corrupt gzip, zstd or tar stream, a digest, size or diff_id mismatch, a missing blob,
-  an unsupported entry type or compression: InvalidSource. Every message is one line.
+- what no Linux filesystem can hold is refused: a name longer than 255 bytes or a path deeper than
+  256 directories (UnsafeInput), a symlink target with a NUL or of 4096 bytes or more (InvalidSource);
+- a sparse member may declare at most 64 GiB (its holes are chunked like data), and its map must
+  lie inside the file: InvalidSource otherwise;
+- a truncated or corrupt gzip, zstd or tar stream (a tar must end with its end-of-archive marker:
+  one cut at a member boundary is truncated too), a digest, size or diff_id mismatch, a missing
+  blob, an unsupported entry type or compression: InvalidSource. Every message is one line.
 Owners are the numeric uid/gid of the tar header; user and group names are ignored. xattrs come from
 PAX SCHILY.xattr.* and LIBARCHIVE.xattr.* records (security.capability included); ACL records are not
 imported.

@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 import stat
 
-from imagefs.errors import InvalidSource
-from imagefs.tree import BuildTree, FileSource, Node
+from imagefs.errors import InvalidSource, UnsafeInput
+from imagefs.tree import MAX_DEPTH, BuildTree, FileSource, Node
 
 
 def read_xattrs(path: bytes) -> dict[bytes, bytes]:
@@ -48,12 +48,14 @@ def import_rootfs(root: str | os.PathLike[str]) -> BuildTree:
         raise InvalidSource(f"{os.fsdecode(top)} is not a directory")
     tree = BuildTree(node_from_stat(st, top))
     links: dict[tuple[int, int], Node] = {}
-    _scan(top, tree.root, links, st.st_dev)
+    _scan(top, tree.root, links, st.st_dev, 1)
     return tree
 
 
-def _scan(path: bytes, parent: Node, links: dict[tuple[int, int], Node], dev: int) -> None:
+def _scan(path: bytes, parent: Node, links: dict[tuple[int, int], Node], dev: int, depth: int) -> None:
     assert parent.children is not None
+    if depth > MAX_DEPTH:
+        raise UnsafeInput(f"{os.fsdecode(path)[:200]}...: deeper than {MAX_DEPTH} directories")
     try:
         entries = sorted(os.scandir(path), key=lambda e: e.name)
     except OSError as e:
@@ -67,6 +69,6 @@ def _scan(path: bytes, parent: Node, links: dict[tuple[int, int], Node], dev: in
         node = node_from_stat(st, entry.path)
         parent.children[entry.name] = node
         if stat.S_ISDIR(st.st_mode):
-            _scan(entry.path, node, links, dev)
+            _scan(entry.path, node, links, dev, depth + 1)
         elif st.st_nlink > 1:
             links[key] = node

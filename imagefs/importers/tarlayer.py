@@ -19,6 +19,11 @@ from urllib.parse import unquote_to_bytes
 from imagefs.errors import InvalidSource, UnsafeInput
 from imagefs.tree import BuildTree, Node, RangeSource, normalise
 
+# The largest file a sparse member may declare: its holes are chunked like data (about 1.4 GB/s
+# here), so a header of a few bytes must not buy hours of work. Images rarely hold sparse files
+# at all; a `lastlog` for a large uid is the usual one, and far smaller than this.
+MAX_SPARSE_SIZE = 64 << 30
+PATH_MAX = 4096  # a symlink target must fit, with its NUL, in what readlink and the kernel take
 WHITEOUT = b".wh."
 OPAQUE = b".wh..wh..opq"
 AUFS_META = b".wh..wh."  # aufs bookkeeping (.wh..wh.plnk, .wh..wh.aufs): skipped
@@ -80,7 +85,11 @@ class Layer:
         return members
 
     def _check_tail(self, end: int) -> None:
-        """After the last header only zero padding may follow; anything else is a corrupt header."""
+        """After the last member comes the end-of-archive marker (zero blocks) and only zero
+        padding: nothing at all there is an archive cut at a member boundary (which tar itself
+        would read without a word), anything else a corrupt header."""
+        if self.spool_size - end < tarfile.BLOCKSIZE:
+            raise InvalidSource(f"{self.what}: truncated tar: no end-of-archive marker after the last entry")
         with open(self.spool, "rb") as f:
             f.seek(end)
             while piece := f.read(COPY_PIECE):
@@ -166,6 +175,10 @@ class Layer:
             node.target = raw(m.linkname)
             if not node.target:
                 raise self.fail(InvalidSource, b"/".join(parts), "symlink with an empty target")
+            if b"\0" in node.target:
+                raise self.fail(InvalidSource, b"/".join(parts), "symlink target contains NUL")
+            if len(node.target) >= PATH_MAX:
+                raise self.fail(InvalidSource, b"/".join(parts), f"symlink target longer than {PATH_MAX - 1} bytes")
         elif kind in (stat.S_IFCHR, stat.S_IFBLK):
             node.rdev = self._rdev(m, parts)  # metadata only: no device node is ever made here
         return node
@@ -204,15 +217,21 @@ class Layer:
     def _sparse(self, m: tarfile.TarInfo, parts: tuple[bytes, ...]) -> RangeSource:
         """Copy the data blocks to a file of their own at their offsets, leaving the holes as holes."""
         assert m.sparse is not None
+        entry = b"/".join(parts)
+        if not 0 <= m.size <= MAX_SPARSE_SIZE:
+            raise self.fail(InvalidSource, entry, f"sparse file of {m.size} bytes (at most {MAX_SPARSE_SIZE})")
+        if any(offset < 0 or length < 0 or offset + length > m.size for offset, length in m.sparse):
+            raise self.fail(InvalidSource, entry, "sparse map outside the file")
         fd, path = tempfile.mkstemp(prefix="sparse-", dir=self.workdir)
-        with open(self.spool, "rb") as src, os.fdopen(fd, "wb") as dst:
-            src.seek(m.offset_data)
-            for offset, length in m.sparse:
-                if offset < 0 or offset + length > m.size:
-                    raise self.fail(InvalidSource, b"/".join(parts), "sparse map outside the file")
-                dst.seek(offset)
-                _copy(src, dst, length)
-            dst.truncate(m.size)
+        try:
+            with open(self.spool, "rb") as src, os.fdopen(fd, "wb") as dst:
+                src.seek(m.offset_data)
+                for offset, length in m.sparse:
+                    dst.seek(offset)
+                    _copy(src, dst, length)
+                dst.truncate(m.size)
+        except OSError as e:
+            raise self.fail(InvalidSource, entry, f"cannot spool the sparse file: {e.strerror}") from None
         return RangeSource(os.fsencode(path), 0, m.size)
 
 
