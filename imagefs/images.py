@@ -43,12 +43,22 @@ def parse_ref(text: str) -> Ref:
 
 
 def read_tag(store: BlobStore, ref: Ref) -> dict[str, Any]:
+    """The tag's document; ImageNotFound if there is none, InvalidReference if it is corrupt."""
     try:
-        doc = json.loads(store.get(ref.key))
+        blob = store.get(ref.key)
     except BlobNotFound:
         raise ImageNotFound(f"no image tagged {ref}") from None
+    return _tag_document(ref, blob)
+
+
+def _tag_document(ref: Ref, blob: bytes) -> dict[str, Any]:
+    """A tag's bytes as a JSON object naming a valid image ID, or InvalidReference saying why not."""
+    try:
+        doc = json.loads(blob)
+    except ValueError:  # not UTF-8 or not JSON
+        raise InvalidReference(f"tag {ref} in the store is corrupt (not valid JSON)") from None
     if not isinstance(doc, dict) or not blobs.is_digest(str(doc.get("image", ""))):
-        raise InvalidReference(f"tag {ref} is malformed in the store")
+        raise InvalidReference(f"tag {ref} in the store is corrupt (no valid image ID)")
     return doc
 
 
@@ -68,7 +78,9 @@ def update_tag(store: BlobStore, ref: Ref, **fields: Any) -> None:
 
 
 def remove_tag(store: BlobStore, ref: Ref) -> None:
-    read_tag(store, ref)
+    """Delete a tag, a corrupt one too (removing it is how a user gets rid of it)."""
+    if not store.exists(ref.key):
+        raise ImageNotFound(f"no image tagged {ref}")
     store.delete(ref.key)
 
 
@@ -78,7 +90,7 @@ def list_tags(store: BlobStore) -> Iterator[tuple[Ref, dict[str, Any]]]:
         try:
             ref = Ref(name, tag)
             yield ref, read_tag(store, ref)
-        except (ImageNotFound, InvalidReference, ValueError):
+        except (ImageNotFound, InvalidReference):
             continue
 
 

@@ -228,3 +228,34 @@ def test_build_profile_records_a_start_up_profile(env: Env) -> None:
     assert prof["chunks"] >= 1 and prof["exit_code"] in (0, 143)
     shown = json.loads(env.cs("profile", "show", "app:1", "--json").stdout)
     assert shown["profile"] == prof["digest"]
+
+
+@pytest.mark.parametrize("body", [
+    "app = base.copy_local_dir('./src', '/app')\n",
+    "app = base.copy_local_file('./src/pipe', '/pipe')\n",
+])
+def test_copying_a_fifo_fails_fast_and_moves_no_tag(env: Env, body: str) -> None:
+    (env.tmp / "src").mkdir()
+    (env.tmp / "src/a.py").write_text("print(1)\n")
+    os.mkfifo(env.tmp / "src/pipe")  # opening it for the content digest would block forever
+    r = env.cs("build", str(env.spec(body)), "--tag", "app:1", check=False, timeout=30)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]  # (after the progress lines of the base step)
+    assert last.startswith("coldstart: error: ") and f"{env.tmp}/src/pipe is a FIFO" in last
+    assert not list(env.store().list("tags/"))
+
+
+@pytest.mark.parametrize("entry", [b"[1]", b"\0garbage", b'{"image": 5}'])
+def test_malformed_step_cache_entries_are_misses(env: Env, entry: bytes) -> None:
+    spec = env.spec("app = base.env({'A': '1'}).cmd(['true'])\n")
+    first = env.build(spec)["app"]
+    store = env.store()
+    keys = [info.key for info in store.list("buildcache/")]
+    assert len(keys) == 3
+    for key in keys:
+        store.put(key, entry)
+    r = env.cs("build", str(spec), "--json")
+    again = json.loads(r.stdout)["app"]
+    assert again["image"] == first["image"] and not any(s["cached"] for s in again["steps"])
+    assert "malformed step-cache entry" in r.stderr and "Traceback" not in r.stderr
+    assert all(s["cached"] for s in env.build(spec)["app"]["steps"])  # the rebuild rewrote them

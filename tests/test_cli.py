@@ -69,3 +69,24 @@ def test_unknown_store_scheme(store):
 def test_unwritable_store_is_a_clear_error(rich_tree):
     r = cs("import", str(rich_tree), "x:1", store="file:///proc/nope/store", check=False)
     assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.startswith("coldstart: error:")
+
+
+@pytest.mark.parametrize("blob,why", [
+    (b"\0garbage", "not valid JSON"),
+    (b"\xff\xfe\xfa", "not valid JSON"),
+    (b"[1]", "no valid image ID"),
+    (b'{"image": "nope"}', "no valid image ID"),
+])
+def test_a_corrupt_tag_is_a_one_line_error(rich_tree, tmp_path, store, blob, why):
+    from imagefs.store.local import LocalStore
+
+    cs("import", str(rich_tree), "app:1", store=store)
+    LocalStore(tmp_path / "store", fsync=False).put("tags/app/1", blob)
+    for args in (["inspect", "app:1"], ["export", "app:1", str(tmp_path / "out")]):
+        r = cs(*args, store=store, check=False)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip() == f"coldstart: error: tag app:1 in the store is corrupt ({why})"
+    assert json.loads(cs("images", "--json", store=store).stdout) == []
+    cs("rm", "app:1", store=store)  # the way out: a corrupt tag can still be removed
+    assert cs("inspect", "app:1", store=store, check=False).returncode == 2
+    assert not (tmp_path / "store/tags/app/1").exists()

@@ -9,6 +9,7 @@ A failed or interrupted build moves no tag: tags are set by the caller only afte
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import stat
@@ -33,6 +34,8 @@ from imagefs.writer import write_image
 
 CACHE_VERSION = 1
 APT_ENV = {"DEBIAN_FRONTEND": "noninteractive"}
+
+log = logging.getLogger(__name__)
 
 
 class StepFailed(ImageFSError):
@@ -123,12 +126,17 @@ class Builder:
         return Digest(ev.image)
 
     def _lookup(self, key: str) -> Digest | None:
+        """The image a step-cache entry names, or None (a miss) if there is none, it is malformed,
+        or its image is gone from the store."""
         try:
-            doc = json.loads(self.store.get(f"buildcache/{key}"))
-        except (BlobNotFound, ValueError):
+            blob = self.store.get(f"buildcache/{key}")
+        except BlobNotFound:
             return None
-        image = str(doc.get("image", ""))
-        if blobs.is_digest(image) and self.store.exists(blobs.index_key(image)):
+        image = _cached_image(blob)
+        if image is None:
+            log.warning("ignoring malformed step-cache entry buildcache/%s; rebuilding the step", key)
+            return None
+        if self.store.exists(blobs.index_key(image)):
             return Digest(image)
         return None
 
@@ -204,6 +212,16 @@ class Builder:
         finally:
             if run.upper is not None:
                 self.executor.discard(run.upper)
+
+
+def _cached_image(blob: bytes) -> str | None:
+    """The image ID in a step-cache entry; None unless it is a JSON object naming a valid ID."""
+    try:
+        doc = json.loads(blob)
+    except ValueError:
+        return None
+    image = doc.get("image") if isinstance(doc, dict) else None
+    return image if isinstance(image, str) and blobs.is_digest(image) else None
 
 
 def _base_definition(base: Base) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -175,10 +176,29 @@ def ignored(rel: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatch(rel, p) or any(fnmatch.fnmatch(x, p) for x in parts) for p in patterns)
 
 
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _special_kind(mode: int) -> str:
+    """What a file that is not a regular file, directory or symlink is ("" for those three)."""
+    return next((name for test, name in _SPECIAL_KINDS if test(mode)), "")
+
+
+def _refuse_special(path: Path, what: str) -> None:
+    """SpecError for a FIFO, socket or device, found by lstat alone: reading one could block forever."""
+    kind = _special_kind(path.lstat().st_mode)
+    if kind:
+        raise SpecError(f"{what}: {path} is {kind}; only regular files, directories and symlinks can be copied")
+
+
 def local_files(step: Step) -> list[tuple[str, Path]]:
-    """(relative path, host path) of what a copy step copies, sorted; SpecError if missing."""
+    """(relative path, host path) of what a copy step copies, sorted; SpecError if a source is
+    missing or holds a FIFO, socket or device (checked with lstat, never opened)."""
     src = Path(step.args[0])
     if step.kind == "copy_local_file":
+        if src.exists():
+            _refuse_special(src, step.kind)
         if not src.is_file():
             raise SpecError(f"copy_local_file: {src} does not exist or is not a file")
         return [("", src)]
@@ -192,7 +212,9 @@ def local_files(step: Step) -> list[tuple[str, Path]]:
         for name in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
             rel = os.path.normpath(f"{rel_dir}/{name}")
             if not ignored(rel, patterns):
-                out.append((rel, Path(dirpath) / name))
+                path = Path(dirpath) / name
+                _refuse_special(path, step.kind)
+                out.append((rel, path))
     return out
 
 
@@ -201,6 +223,11 @@ def content_digest(step: Step) -> str:
     parts = []
     for rel, path in local_files(step):
         st = path.lstat()
-        body = os.readlink(path).encode() if path.is_symlink() else path.read_bytes()
+        if stat.S_ISLNK(st.st_mode):
+            body = os.fsencode(os.readlink(path))
+        elif stat.S_ISREG(st.st_mode):
+            body = path.read_bytes()
+        else:  # replaced since local_files looked
+            raise SpecError(f"{step.kind}: {path} is no longer a regular file or symlink")
         parts.append(f"{rel}\0{st.st_mode:o}\0{digest_of(body)}")
     return digest_of("\n".join(parts).encode())
