@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,6 +17,7 @@ from imagefs.export import export_image
 from imagefs.images import load_index
 from imagefs.importers import open_source
 from imagefs.importers import manifests
+from imagefs.importers.spool import Expect, spool
 from imagefs.reader import ChunkReader
 from imagefs.store.local import LocalStore
 from imagefs.writer import write_image
@@ -31,6 +33,7 @@ LOWER = make_tar([dir_("srv"), reg("srv/app.conf", b"port=80\n"), reg("bin/app",
 MIDDLE = make_tar([reg("srv/app.conf", b"port=8080\n"), whiteout("tmp/junk"), whiteout("var/cache/"),
                    reg("var/cache/b", b"b"), symlink("bin/run", "app")])
 UPPER = make_tar([reg("srv/data", os.urandom(200_000))])
+REF = manifests.REF_ANNOTATION
 
 
 def store_image(tmp_path: Path, spec: str, **kw: bool) -> tuple[LocalStore, str]:
@@ -260,3 +263,90 @@ def test_docker_archive_errors(tmp_path):
     fails(f"docker-archive:{archive}", "layer l/layer.tar: uncompressed layer hashes to")
     archive.write_bytes(saved("l/missing.tar"))
     fails(f"docker-archive:{archive}", "layer l/missing.tar is missing")
+
+
+# -- hostile layouts --------------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)  # the bug this guards against is an open() that never returns
+@pytest.mark.parametrize(("blob", "what", "swap"), [
+    ("config", "config", "fifo"), ("layer", "layer", "fifo"), ("manifest", "manifest", "fifo"),
+    ("config", "config", "/dev/zero"), ("layer", "layer", "/dev/null"),
+])
+def test_a_blob_that_is_a_fifo_or_a_device_is_refused_without_blocking(layout, blob, what, swap):
+    root, manifest = layout
+    index = json.loads((root / "index.json").read_text())
+    digest = {"config": manifest["config"]["digest"], "layer": manifest["layers"][1]["digest"],
+              "manifest": index["manifests"][0]["digest"]}[blob]
+    path = blob_path(root, digest)
+    path.unlink()
+    if swap == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to(swap)
+    fails(f"oci:{root}", f"{what} {digest}: blob in the layout is not a regular file")
+
+
+def test_a_layer_blob_longer_than_its_descriptor_is_not_read_to_the_end(tmp_path):
+    root = tmp_path / "layout"
+    manifest = write_oci_layout(root, [LOWER], compression="tar")
+    digest, size = manifest["layers"][0]["digest"], manifest["layers"][0]["size"]
+    with open(blob_path(root, digest), "r+b") as f:
+        f.truncate(1 << 30)  # sparse: costs nothing to write or to skip
+    fails(f"oci:{root}", f"layer {digest}: blob is larger than its descriptor's {size} bytes")
+    with open(blob_path(root, digest), "rb") as f:
+        with pytest.raises(InvalidSource, match=f"larger than its descriptor's {size} bytes"):
+            spool(f, str(tmp_path / "spooled.tar"), "layer", Expect(digest, size))
+        assert f.tell() == size + 1  # one byte past the descriptor, not the rest of the gigabyte
+    assert (tmp_path / "spooled.tar").stat().st_size <= size
+
+
+def test_a_layer_blob_shorter_than_its_descriptor_is_refused(tmp_path):
+    (tmp_path / "short.tar").write_bytes(LOWER)
+    with open(tmp_path / "short.tar", "rb") as f, pytest.raises(InvalidSource) as exc:
+        spool(f, str(tmp_path / "spooled.tar"), "layer", Expect(size=len(LOWER) + 512))
+    assert str(exc.value) == f"layer: blob is {len(LOWER)} bytes, its descriptor says {len(LOWER) + 512}"
+    root = tmp_path / "layout"
+    manifest = write_oci_layout(root, [LOWER], compression="tar")
+    digest = manifest["layers"][0]["digest"]
+    blob_path(root, digest).write_bytes(LOWER[:-1024])  # ends on a tar block: still a readable tar
+    fails(f"oci:{root}", f"layer {digest}: digest mismatch")
+
+
+def test_json_nested_too_deeply_is_one_line(tmp_path):
+    deep = b"[" * 200_000 + b"]" * 200_000
+    (tmp_path / "layout").mkdir()
+    (tmp_path / "layout/index.json").write_bytes(deep)
+    fails(f"oci:{tmp_path / 'layout'}", "index.json: not valid JSON: nested too deeply")
+    archive = tmp_path / "saved.tar"
+    archive.write_bytes(make_tar([reg("manifest.json", deep)]))
+    fails(f"docker-archive:{archive}", "manifest.json: not valid JSON: nested too deeply")
+    manifest = [{"Config": "c.json", "Layers": ["layer.tar"]}]
+    archive.write_bytes(make_tar([reg("c.json", b'{"a": ' + deep + b"}"), reg("layer.tar", LOWER),
+                                  reg("manifest.json", json.dumps(manifest).encode())]))
+    fails(f"docker-archive:{archive}", "config: not valid JSON: nested too deeply")
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("platform", "linux/amd64", "'platform' is not an object with string os and architecture"),
+    ("platform", {"os": "linux", "architecture": 64}, "'platform' is not an object with string os"),
+    ("annotations", ["latest"], "'annotations' is not an object of strings"),
+    ("annotations", {REF: 1}, "'annotations' is not an object of strings"),
+    ("size", "512", "'size' is not a byte count: '512'"),
+    ("size", -1, "'size' is not a byte count: '-1'"),
+    ("size", True, "'size' is not a byte count: 'True'"),
+])
+def test_an_index_descriptor_with_a_mistyped_field_is_one_line(tmp_path, field, value, message):
+    root = tmp_path / "layout"
+    mips = add_image(root, [make_tar([reg("x", b"x")])])
+    write_index(root, [{**mips, "platform": {"os": "linux", "architecture": "mips"}}, {**mips, field: value}])
+    fails(f"oci:{root}", re.escape(f"{root}/index.json: manifests[1]: {message}"))
+
+
+@pytest.mark.parametrize(("where", "what"), [("config", "config descriptor"), ("layers", "layer descriptor")])
+def test_a_manifest_descriptor_with_a_mistyped_field_is_one_line(tmp_path, where, what):
+    root = tmp_path / "layout"
+    manifest = write_oci_layout(root, [LOWER])
+    bad = {**(manifest["config"] if where == "config" else manifest["layers"][0]), "size": "big"}
+    manifest = {**manifest, where: bad if where == "config" else [bad]}
+    write_index(root, [add_blob(root, json.dumps(manifest).encode())])
+    fails(f"oci:{root}", f"{what}: 'size' is not a byte count: 'big'")

@@ -10,8 +10,10 @@ import os
 import platform
 import re
 import shutil
+import stat
 import subprocess
 import tarfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Iterator
@@ -22,6 +24,8 @@ from imagefs.importers.spool import Expect, check_digest, hasher, spool
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
 MAX_JSON = 64 << 20
 MAX_NESTING = 4
+PULL_TIMEOUT = 3600.0  # seconds a docker:// pull may take in all ($COLDSTART_PULL_TIMEOUT): multi-GB images
+KILL_GRACE = 30.0  # past PULL_TIMEOUT, seconds before a skopeo that ignored its own deadline is killed
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "i686": "386",
          "i386": "386", "armv7l": "arm", "armv6l": "arm", "ppc64le": "ppc64le", "s390x": "s390x",
          "riscv64": "riscv64"}
@@ -50,12 +54,34 @@ def _load_json(data: bytes, what: str) -> Any:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidSource(f"{what}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidSource(f"{what}: not valid JSON: nested too deeply") from None
 
 
 def _expect_dict(doc: Any, what: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise InvalidSource(f"{what}: expected a JSON object")
     return doc
+
+
+def _strings_object(value: Any, keys: tuple[str, ...] | None = None) -> bool:
+    """value is a JSON object whose values (those under keys, when given) are strings."""
+    if not isinstance(value, dict):
+        return False
+    return all(isinstance(value.get(k, ""), str) for k in (value if keys is None else keys))
+
+
+def _descriptor(desc: Any, what: str) -> dict[str, Any]:
+    """desc if it is a descriptor whose optional fields have their OCI types, else InvalidSource."""
+    desc = _expect_dict(desc, what)
+    size = desc.get("size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        raise InvalidSource(f"{what}: 'size' is not a byte count: {str(size)[:100]!r}")
+    if desc.get("annotations") is not None and not _strings_object(desc["annotations"]):
+        raise InvalidSource(f"{what}: 'annotations' is not an object of strings")
+    if desc.get("platform") is not None and not _strings_object(desc["platform"], ("os", "architecture")):
+        raise InvalidSource(f"{what}: 'platform' is not an object with string os and architecture")
+    return desc
 
 
 def attach_diff_ids(image: LayeredImage, what: str) -> None:
@@ -101,10 +127,8 @@ class OciLayout:
     @staticmethod
     def _read_small(path: str, what: str) -> bytes:
         try:
-            with open(path, "rb") as f:
+            with _open_regular(path, what) as f:
                 data = f.read(MAX_JSON + 1)
-        except FileNotFoundError:
-            raise InvalidSource(f"{what}: blob missing from the layout") from None
         except OSError as e:
             raise InvalidSource(f"{what}: cannot read: {e.strerror}") from None
         if len(data) > MAX_JSON:
@@ -112,14 +136,33 @@ class OciLayout:
         return data
 
     def layer(self, desc: Any) -> LayerBlob:
-        desc = _expect_dict(desc, "layer descriptor")
+        desc = _descriptor(desc, "layer descriptor")
         digest = check_digest(desc.get("digest"), "layer descriptor")
-        path = self.blob_path(digest)
-        if not os.path.isfile(path):
-            raise InvalidSource(f"layer {digest}: blob missing from the layout")
-        size = desc.get("size")
-        return LayerBlob(f"layer {digest}", lambda: open(path, "rb"),
-                         Expect(digest, size if isinstance(size, int) else None))
+        path, what = self.blob_path(digest), f"layer {digest}"
+        _open_regular(path, what).close()  # a missing blob fails now, before any layer is spooled
+        return LayerBlob(what, lambda: _open_regular(path, what), Expect(digest, desc.get("size")))
+
+
+def _open_regular(path: str, what: str) -> BinaryIO:
+    """The blob at path opened for reading; InvalidSource when it is missing or not a regular file.
+
+    Checked before opening, so a fifo or a device is never opened, and again on the open file, so
+    one swapped in between cannot block the open (O_NONBLOCK) or be read.
+    """
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise InvalidSource(f"{what}: blob in the layout is not a regular file")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise InvalidSource(f"{what}: blob missing from the layout") from None
+    except OSError as e:
+        raise InvalidSource(f"{what}: cannot read: {e.strerror}") from None
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise InvalidSource(f"{what}: blob in the layout is not a regular file")
+    os.set_blocking(fd, True)
+    return f
 
 
 def _check_bytes(data: bytes, desc: dict[str, Any], what: str) -> None:
@@ -136,7 +179,7 @@ def _descriptors(doc: dict[str, Any], what: str) -> list[dict[str, Any]]:
     found = doc.get("manifests")
     if not isinstance(found, list) or not all(isinstance(d, dict) for d in found):
         raise InvalidSource(f"{what}: 'manifests' is not a list of descriptors")
-    return found
+    return [_descriptor(d, f"{what}: manifests[{n}]") for n, d in enumerate(found)]
 
 
 def _ref_names(descs: list[dict[str, Any]]) -> str:
@@ -194,8 +237,8 @@ def read_oci_layout(root: str, ref: str | None) -> LayeredImage:
     layers = manifest.get("layers")
     if not isinstance(manifest.get("config"), dict) or not isinstance(layers, list):
         raise InvalidSource(f"{root}: the chosen manifest has no config or no layers list")
-    image = LayeredImage(layout.read_json(manifest["config"], "config"),
-                         [layout.layer(d) for d in layers])
+    config = layout.read_json(_descriptor(manifest["config"], f"{root}: config descriptor"), "config")
+    image = LayeredImage(config, [layout.layer(d) for d in layers])
     attach_diff_ids(image, f"{root}: config")
     return image
 
@@ -322,16 +365,49 @@ def skopeo_error(stderr: str) -> str:
     return " ".join(last.split())[:1000]
 
 
-def pull_to_layout(ref: str, workdir: str, *, tls_verify: bool) -> str:
-    """Copy docker://ref into an OCI layout under workdir with skopeo; returns the layout directory."""
+def registry_host(ref: str) -> str:
+    """The registry a docker reference names: its first component when that is a host, else Docker Hub."""
+    first, sep, _ = ref.partition("/")
+    return first if sep and ("." in first or ":" in first or first == "localhost") else "docker.io"
+
+
+def pull_timeout() -> float:
+    """Seconds a docker:// pull may take: $COLDSTART_PULL_TIMEOUT, else PULL_TIMEOUT."""
+    raw = os.environ.get("COLDSTART_PULL_TIMEOUT", "").strip()
+    if not raw:
+        return PULL_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise InvalidSource(f"COLDSTART_PULL_TIMEOUT must be a number of seconds > 0, not {raw!r}")
+    return value
+
+
+def pull_to_layout(ref: str, workdir: str, *, tls_verify: bool, timeout: float | None = None) -> str:
+    """Copy docker://ref into an OCI layout under workdir with skopeo; returns the layout directory.
+
+    The whole copy must finish within timeout seconds (pull_timeout() by default): skopeo is given
+    that deadline itself and is killed KILL_GRACE seconds after it, so a registry that stalls cannot
+    hang the import.
+    """
     if shutil.which("skopeo") is None:
         raise InvalidSource("docker:// sources need skopeo, which is not installed")
-    cmd = ["skopeo", "copy", "--quiet"]
+    limit = pull_timeout() if timeout is None else timeout
+    cmd = ["skopeo", "--command-timeout", f"{max(int(limit * 1000), 1)}ms", "copy", "--quiet"]
     if not tls_verify:
         cmd.append("--src-tls-verify=false")
     cmd += [f"docker://{ref}", "oci:pulled:latest"]  # relative: a ':' in workdir cannot confuse skopeo
-    done = subprocess.run(cmd, cwd=workdir, stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, errors="replace")
+    started = time.monotonic()
+    try:
+        done = subprocess.run(cmd, cwd=workdir, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, errors="replace", timeout=limit + KILL_GRACE)
+    except subprocess.TimeoutExpired:
+        done = None  # subprocess.run has killed skopeo
+    if done is None or (done.returncode != 0 and time.monotonic() - started >= limit):
+        raise InvalidSource(f"docker://{ref}: registry {registry_host(ref)} did not deliver the image "
+                            f"within {limit:g} s")
     if done.returncode != 0:
         raise InvalidSource(f"docker://{ref}: {skopeo_error(done.stderr)}")
     return os.path.join(workdir, "pulled")

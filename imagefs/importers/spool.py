@@ -2,8 +2,10 @@
 
 The compression is told by the first bytes, never by a name or a media type. While the bytes pass,
 the stored form is hashed and counted (an OCI blob digest and size) and so is the uncompressed tar
-(a config diff_id); a mismatch, a truncated or corrupt stream is an InvalidSource. Memory stays
-bounded: gzip is read through GzipFile in pieces and zstd is fed in small slices.
+(a config diff_id); a mismatch, a truncated or corrupt stream is an InvalidSource. A blob that runs
+past the size its descriptor gives is refused as soon as the first byte too many arrives, so it is
+never spooled in full. Memory stays bounded: gzip is read through GzipFile in pieces and zstd is fed
+in small slices.
 """
 from __future__ import annotations
 
@@ -50,9 +52,11 @@ class Expect:
 class _Tap:
     """A read-only stream that hashes and counts the bytes that pass, with a peek for magic bytes."""
 
-    def __init__(self, raw: BinaryIO, digest: str | None) -> None:
+    def __init__(self, raw: BinaryIO, what: str, expect: Expect) -> None:
         self.raw = raw
-        self.hash = hasher(digest) if digest else None
+        self.what = what
+        self.limit = expect.size
+        self.hash = hasher(expect.digest) if expect.digest else None
         self.count = 0
         self._head = b""
 
@@ -71,7 +75,11 @@ class _Tap:
         return self._pull(PIECE if n < 0 else n)
 
     def _pull(self, n: int) -> bytes:
+        if self.limit is not None:
+            n = min(n, max(self.limit - self.count + 1, 1))  # one byte past the limit tells an oversize blob
         data = self.raw.read(n)
+        if self.limit is not None and self.count + len(data) > self.limit:
+            raise InvalidSource(f"{self.what}: blob is larger than its descriptor's {self.limit} bytes")
         if self.hash is not None:
             self.hash.update(data)
         self.count += len(data)
@@ -126,7 +134,7 @@ def _decoder(src: _Tap, what: str) -> tuple[str, Decoder]:
 
 def spool(stream: BinaryIO, dest: str, what: str, expect: Expect = Expect()) -> None:
     """Write the uncompressed tar of stream to dest, checking it against expect."""
-    tap = _Tap(stream, expect.digest)
+    tap = _Tap(stream, what, expect)
     tar_hash = hasher(expect.diff_id) if expect.diff_id else None
     kind, decode = _decoder(tap, what)
     try:
