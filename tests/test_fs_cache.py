@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -191,15 +192,44 @@ def test_unwritable_cache_is_not_an_error(tmp_path: Path) -> None:
     d, data = chunk(5)
     os.chmod(tmp_path / "tmp", 0o500)
     try:
-        if os.geteuid() == 0:  # root ignores modes: take the temp dir away instead
+        if os.geteuid() == 0:  # root ignores modes: put a file where the temp dir was instead
             os.rename(tmp_path / "tmp", tmp_path / "gone")
+            (tmp_path / "tmp").write_bytes(b"")
         cache.put(d, data)
     finally:
         if (tmp_path / "gone").exists():
+            os.unlink(tmp_path / "tmp")
             os.rename(tmp_path / "gone", tmp_path / "tmp")
         os.chmod(tmp_path / "tmp", 0o755)
     assert cache.counters.write_errors == 1
     assert cache.get(d, len(data)) is None
+
+
+def test_a_write_leaves_no_temp_file_behind(tmp_path: Path) -> None:
+    """Folders removed under a running cache are made again; a write that fails after its temp
+    file was written removes it (temp files are not counted in the budget)."""
+    cache = HostCache(tmp_path, 10 << 20)
+    shutil.rmtree(tmp_path / "chunks")
+    shutil.rmtree(tmp_path / "tmp")
+    d, data = chunk(6)
+    cache.put(d, data)
+    assert cache.counters.write_errors == 0 and cache.get(d, len(data)) == data
+    (tmp_path / "chunks").rename(tmp_path / "chunks-gone")
+    (tmp_path / "chunks").write_bytes(b"")  # the rename into chunks/ cannot succeed now
+    d2, data2 = chunk(7)
+    cache.put(d2, data2)
+    assert cache.counters.write_errors == 1
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_only_digests_name_cache_files(tmp_path: Path) -> None:
+    cache = HostCache(tmp_path, 10 << 20)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    for bad in ("../victim.txt", "../../etc/passwd", "ab", "A" * 64):
+        with pytest.raises(ValueError, match="not a chunk digest"):
+            cache.verify(bad, 7)  # type: ignore[arg-type]
+    assert victim.read_text() == "keep me"
 
 
 def test_memory_tier_is_a_bounded_lru() -> None:
@@ -230,6 +260,22 @@ def test_a_chunk_this_process_wrote_is_read_in_part_without_verifying_again(tmp_
     os.unlink(path)
     path.write_bytes(b"y" * len(data))
     assert cache.read_part(d, 0, 10, wait=True) is None and not cache.is_verified(d)
+
+
+def test_a_file_kept_open_and_changed_in_place_is_not_served(tmp_path: Path) -> None:
+    """A verified file held open (read in parts without a check each time) that something then
+    rewrites in place: the rewrite moved its mtime, so the part is refused and the chunk is
+    verified again, and found corrupt, before any of it is used."""
+    cache = HostCache(tmp_path, 10 << 20)
+    d, data = chunk(8)
+    cache.put(d, data)
+    assert bytes(cache.read_part(d, 0, 64, wait=True) or b"") == data[:64]  # now in the page cache
+    assert bytes(cache.read_part(d, 0, 64) or b"") == data[:64]  # and held open
+    time.sleep(0.01)  # a clock tick, so the rewrite's mtime differs
+    with open(cache.path(d), "r+b") as f:
+        f.write(bytes([data[0] ^ 0xFF]))
+    assert cache.read_part(d, 0, 64) is None and not cache.is_verified(d)
+    assert cache.get(d, len(data)) is None and cache.counters.corrupt_dropped == 1
 
 
 def test_files_already_there_are_counted_once_and_found(tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ takes it, see DIRECT_MIN), and every load checks the blake3 again, so a torn or 
 dropped and refetched, never served (which is why no fsync is needed).
 A file this process has verified (or written) is kept open (a few, LRU) and parts of it are then
 read straight from the page cache without verifying again: the open descriptor pins the verified
-inode, which nothing rewrites in place (new content arrives by rename).
+inode, and each such read checks first that its size and mtime are still those verified (new
+content arrives by rename; a file changed in place anyway is verified again before use).
 Recency is the file's mtime, refreshed on a hit at most once a minute. The total is bounded:
 when a process sees it exceed the budget it takes ``<root>/lock`` (flock) and deletes the least
 recently used files down to 90 % of it. Several daemons may share one directory.
@@ -29,7 +30,7 @@ from typing import Iterable, Iterator
 
 import blake3
 
-from imagefs.chunks import Content, Digest
+from imagefs.chunks import Content, Digest, is_digest
 from imagefs.errors import ImageFSError
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,9 @@ class HostCache:
         return len(self._present.intersection(digests))
 
     def path(self, digest: str) -> Path:
+        """Where a chunk's file is; ValueError for anything but a digest (never a path of its own)."""
+        if not is_digest(digest):
+            raise ValueError(f"not a chunk digest: {digest[:80]!r}")
         return self._chunks / digest[:2] / digest
 
     def get(self, digest: Digest, size: int) -> bytes | None:
@@ -214,6 +218,12 @@ class HostCache:
         else:
             self._open.move_to_end(digest)
         try:
+            # Still the file verified? (Not one changed in place since: its mtime moved. The
+            # next load of the chunk then verifies it again.)
+            if _identity(os.fstat(fd)) != self._verified.get(digest):
+                self._close_fd(digest)
+                self._verified.pop(digest, None)
+                return False
             return self._pread(fd, offset, dst, os.RWF_NOWAIT)
         except OSError:
             self._close_fd(digest)
@@ -283,25 +293,35 @@ class HostCache:
             self.evict()
 
     def _write(self, path: Path, data: Content) -> tuple[int, ...]:
-        """Write data under path by rename of a complete temp file; the identity of that file."""
+        """Write data under path by rename of a complete temp file; the identity of that file.
+        The temp file never outlives a failure (the folders, if something removed them, are made
+        again)."""
         tmp = self._tmp / f"{path.name}.{secrets.token_hex(6)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            view = memoryview(data)
-            if self.direct_writes and len(view) >= DIRECT_MIN:
-                view = self._write_direct(fd, view)
-            _write_all(fd, view)
-            written = _identity(os.fstat(fd))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:
+            self._tmp.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                view = memoryview(data)
+                if self.direct_writes and len(view) >= DIRECT_MIN:
+                    view = self._write_direct(fd, view)
+                _write_all(fd, view)
+                written = _identity(os.fstat(fd))
+            finally:
+                os.close(fd)
+            try:
+                os.replace(tmp, path)
+            except FileNotFoundError:  # first chunk of this shard (or chunks/ was removed)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, path)
         except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
             raise
-        os.close(fd)
-        try:
-            os.replace(tmp, path)
-        except FileNotFoundError:  # first chunk of this shard
-            path.parent.mkdir(exist_ok=True)
-            os.replace(tmp, path)
         return written
 
     def _write_direct(self, fd: int, view: memoryview) -> memoryview:
