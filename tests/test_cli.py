@@ -43,6 +43,17 @@ def test_import_inspect_images_export_rm(rich_tree, tmp_path, store):
     assert json.loads(cs("fsck", "--json", store=store).stdout)["errors"] == []
 
 
+def test_inspect_of_one_image_is_not_stopped_by_another_images_trouble(rich_tree, tmp_path, store):
+    good = json.loads(cs("import", str(rich_tree), "good:1", "--json", store=store).stdout)["image"]
+    (rich_tree / "home/other.bin").write_bytes(os.urandom(50_000))
+    bad = json.loads(cs("import", str(rich_tree), "bad:1", "--json", store=store).stdout)["image"]
+    (tmp_path / "store" / "index" / bad[:2] / bad).unlink()
+    rep = json.loads(cs("inspect", "good:1", "--json", store=store).stdout)
+    assert rep["image"] == good and rep["tags"] == ["good:1"]
+    bad_gc = cs("gc", "--grace", "nan", store=store, check=False)
+    assert bad_gc.returncode != 0 and "grace must be a number of seconds >= 0" in bad_gc.stderr
+
+
 def test_store_flag_beats_environment(rich_tree, tmp_path):
     cs("import", str(rich_tree), "a:1", "--store", f"file://{tmp_path}/s1", store=f"file://{tmp_path}/s2")
     assert (tmp_path / "s1/tags/a/1").exists() and not (tmp_path / "s2/tags").exists()

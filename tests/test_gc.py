@@ -1,15 +1,19 @@
 """gc, leases and fsck: orphans are reclaimed, tagged data never is, imports and gc keep apart."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 from imagefs import chunks as blobs
 from imagefs import gc as gcmod
+from imagefs.errors import StoreError
 from imagefs.gc import GcDeferred, fsck, gc, import_lease, lease
 from imagefs.images import parse_ref, set_tag
 from imagefs.importers.rootfs import import_rootfs
@@ -72,15 +76,101 @@ def test_import_waits_for_a_running_gc(store, monkeypatch):
                 pass
 
 
+def _age(store, key, seconds):
+    """Make the store's time stamp of key that much older (a lease nobody refreshed)."""
+    path = store.root / key
+    t = path.stat().st_mtime - seconds
+    os.utime(path, (t, t))
+
+
 def test_stale_lease_of_dead_process_is_ignored(store):
     doc = gcmod._lease_doc("import")
     doc["pid"] = 2 ** 22 + 12345  # no such process
     store.put("leases/import-dead", json.dumps(doc).encode())
     assert gcmod.live_leases(store, "import") == []
     doc = gcmod._lease_doc("import")
-    doc["host"], doc["heartbeat"] = "elsewhere", time.time() - 10 * gcmod.LEASE_TIMEOUT
-    store.put("leases/import-old", json.dumps(doc).encode())
+    doc["pid_start"] = "1"  # this pid, but a process started at another time: the pid was reused
+    store.put("leases/import-reused", json.dumps(doc).encode())
     assert gcmod.live_leases(store, "import") == []
+    doc = gcmod._lease_doc("import")
+    doc["host"] = "elsewhere"
+    store.put("leases/import-old", json.dumps(doc).encode())
+    _age(store, "leases/import-old", 10 * gcmod.LEASE_TIMEOUT)
+    assert gcmod.live_leases(store, "import") == []
+    gc(store, grace=0)
+    assert [i.key for i in store.list("leases/")] == []  # gc removed the stale ones
+
+
+def test_liveness_never_compares_the_hosts_clocks(store):
+    """Another host whose clock is far behind: its fresh lease is live (the store's stamp is what
+    counts, against the stamp of the reader's own lease). This host's stopped or slow process:
+    live as long as it exists, however old its lease."""
+    doc = gcmod._lease_doc("import")
+    doc["host"], doc["heartbeat"], doc["started"] = "elsewhere", 1.0, 1.0
+    store.put("leases/import-skewed", json.dumps(doc).encode())
+    with lease(store, "gc") as key:
+        assert [d["host"] for d in gcmod.live_leases(store, "import", key)] == ["elsewhere"]
+    store.delete("leases/import-skewed")
+    store.put("leases/import-stopped", json.dumps(gcmod._lease_doc("import")).encode())
+    _age(store, "leases/import-stopped", 10 * gcmod.LEASE_TIMEOUT)
+    with pytest.raises(GcDeferred):
+        gc(store, grace=0)
+
+
+def test_gc_keeps_the_image_of_a_mount_after_its_tag_moved(store, rich_tree):
+    old = _image(store, rich_tree, "app:1")
+    (rich_tree / "home/new.bin").write_bytes(os.urandom(100_000))
+    new = _image(store, rich_tree, "app:1")  # a re-import: app:1 moved on, a container runs the old
+    held = gcmod.MountLease(store, old)
+    held.start()
+    deadline = time.monotonic() + 10
+    while not list(store.list("leases/mount-")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rep = gc(store, grace=0)
+    assert rep.deleted_indexes == [] and store.exists(blobs.index_key(old))
+    held.release()
+    assert list(store.list("leases/")) == []
+    assert gc(store, grace=0).deleted_indexes == [old] and store.exists(blobs.index_key(new))
+    assert fsck(store, verify_chunks=True).errors == []
+
+
+def test_a_corrupt_tag_stops_gc_and_fsck_reports_it(store, rich_tree):
+    image_id = _image(store, rich_tree, "app:1")
+    store.put("tags/app/1", b'{"image": "' + image_id[:20].encode())  # cut in half
+    with pytest.raises(StoreError, match="gc stopped: tag app:1 in the store is corrupt"):
+        gc(store, grace=0)
+    assert store.exists(blobs.index_key(image_id)) and len(list(store.list("chunks/"))) > 0
+    assert any("tag app:1 in the store is corrupt" in e for e in fsck(store).errors)
+
+
+def test_fsck_reports_a_tag_whose_profile_is_missing(store, rich_tree):
+    image_id = _image(store, rich_tree)
+    store.put("tags/app/1", json.dumps({"image": image_id, "profile": "f" * 64}).encode())
+    assert fsck(store).errors == [f"tag app:1 names missing profile {'f' * 64}"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to read as another user")
+def test_a_folder_the_listing_cannot_read_stops_gc(rich_tree):
+    """gc as a user who cannot read one index folder: the listing fails, nothing is deleted
+    (a listing that left the folder out would have swept the tagged image's chunks)."""
+    top = Path(tempfile.mkdtemp(prefix="gc-eacces-", dir="/tmp"))  # not below pytest's 0700 folders
+    try:
+        top.chmod(0o755)
+        store = LocalStore(top / "store", fsync=False)
+        image_id = _image(store, rich_tree, "app:1")
+        for path in [store.root, *store.root.rglob("*")]:
+            os.chmod(path, 0o777 if path.is_dir() else 0o644)
+        os.chmod(store.root / "index" / image_id[:2], 0o700)
+        before = sorted(i.key for i in store.list("chunks/"))
+        script = ("import sys\nfrom imagefs.gc import gc\nfrom imagefs.store.local import LocalStore\n"
+                  "try:\n    gc(LocalStore(sys.argv[1], fsync=False), grace=0)\n"
+                  "except Exception as e:\n    print(type(e).__name__, e)\n    sys.exit(3)\n")
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                            "-c", script, str(store.root)], capture_output=True, text=True)
+        assert r.returncode == 3 and "StoreError listing" in r.stdout, (r.stdout, r.stderr)
+        assert sorted(i.key for i in store.list("chunks/")) == before
+    finally:
+        shutil.rmtree(top)
 
 
 def test_fsck_reports_missing_and_corrupt_chunks(store, rich_tree):

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from imagefs import images
+from imagefs.errors import ImageFSError
 from imagefs.gc import fsck, gc, import_lease
 from imagefs.importers import open_source
 from imagefs.reader import ChunkReader
@@ -110,7 +111,10 @@ def image_report(store: Any, image_id: str) -> dict[str, Any]:
     others: set[str] = set()
     for ref, doc in images.list_tags(store):
         if doc["image"] != image_id:
-            others |= set(images.load_index(store, doc["image"]).chunks)
+            try:
+                others |= set(images.load_index(store, doc["image"]).chunks)
+            except ImageFSError:  # another image's trouble (fsck reports it) is not this report's
+                continue
     raw = sum(index.chunk_sizes)
     refs = [str(r) for r, d in images.list_tags(store) if d["image"] == image_id]
     return {"image": image_id, "tags": refs, "config": index.config.to_wire(), "entries": kinds,

@@ -5,7 +5,7 @@ import errno
 import os
 import secrets
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from imagefs.errors import BlobNotFound, StoreError, StoreUnavailable
 from imagefs.store.base import BlobInfo, BlobStore, validate_key, validate_prefix
@@ -100,7 +100,7 @@ class LocalStore(BlobStore):
         # Walk only the folder the prefix names; filter the leaves by the full prefix.
         base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         start = self.root.joinpath(*base.split("/")) if base else self.root
-        for dirpath, dirnames, filenames in os.walk(start):
+        for dirpath, dirnames, filenames in os.walk(start, onerror=_walk_error(start)):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             rel = os.path.relpath(dirpath, self.root)
             parts = [] if rel == "." else rel.split(os.sep)
@@ -124,3 +124,14 @@ class LocalStore(BlobStore):
             for name in filenames:
                 if name.startswith(".tmp."):
                     yield Path(dirpath) / name
+
+
+def _walk_error(start: Path) -> Callable[[OSError], None]:
+    """os.walk's onerror: a folder that cannot be read fails the listing (a listing that quietly
+    left it out would make gc think what it holds is unreferenced); the start missing is an
+    empty listing."""
+    def fail(e: OSError) -> None:
+        if isinstance(e, FileNotFoundError) and Path(e.filename or "") == start:
+            return
+        raise StoreError(f"listing {e.filename}: {e.strerror}") from e
+    return fail
