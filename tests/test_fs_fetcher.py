@@ -211,6 +211,52 @@ def test_store_down_fails_fast_then_recovers(store: ProbeStore,
     assert any(d1 in r.getMessage() and "store down" in r.getMessage() for r in caplog.records)
 
 
+def test_a_slow_failure_is_held_briefly(store: ProbeStore) -> None:
+    """A load that failed after failure_hold_s or more (the store did not answer) is not made
+    again for failure_hold_s: reads of the chunk (the kernel retries a failed read at once)
+    fail at once with the same error, and background loads skip it. After that, it loads."""
+    (d, data), = put_chunks(store, 1)
+    store.delay, store.down = 0.3, True
+
+    async def outage(f: ChunkFetcher) -> None:
+        with pytest.raises(ChunkUnavailable) as first:
+            await f.get(d, len(data))
+        start = trio.current_time()
+        with pytest.raises(ChunkUnavailable) as again:
+            await f.get_range(d, len(data), 10, 20)
+        assert again.value is first.value and trio.current_time() - start < 0.1
+        f.readahead([(d, len(data))])
+        await trio.sleep(0.05)
+        assert len(store.gets) == 1 and f.counters.failed_at_once == 2
+        store.down = False
+        await trio.sleep(0.3)  # the hold is over
+        assert await f.get(d, len(data)) == data
+
+    f = ChunkFetcher(store, None, MemoryCache(), FetchLimits(failure_hold_s=0.25))
+    run(f, outage)
+    assert len(store.gets) == 2 and f.stats()["failed_at_once"] == 2
+
+
+def test_a_store_that_answers_again_ends_the_holds(store: ProbeStore) -> None:
+    """Any load from the store that succeeds shows the store is back: held failures are dropped."""
+    (d0, data0), (d1, data1) = put_chunks(store, 2)
+    store.delay, store.down = 0.3, True
+
+    async def outage(f: ChunkFetcher) -> None:
+        with pytest.raises(ChunkUnavailable):
+            await f.get(d0, len(data0))
+        failed = trio.current_time()
+        store.delay, store.down = 0.0, False
+        with pytest.raises(ChunkUnavailable):
+            await f.get(d0, len(data0))  # held
+        assert await f.get(d1, len(data1)) == data1
+        assert trio.current_time() - failed < 0.2
+        assert await f.get(d0, len(data0)) == data0  # within the hold, yet loaded
+
+    run(ChunkFetcher(store, None, MemoryCache(), FetchLimits(failure_hold_s=0.25)), outage)
+    assert len(store.gets) == 3
+
+
 def test_size_mismatch_with_the_index_is_an_error(store: ProbeStore) -> None:
     (d, data), = put_chunks(store, 1)
 

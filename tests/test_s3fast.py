@@ -10,11 +10,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pytest
 
-from imagefs.errors import BlobNotFound, StoreError, TemporaryStoreError
+from imagefs.errors import BlobNotFound, StoreError, StoreUnavailable, TemporaryStoreError
+from imagefs.store.retry import RetryingStore
 from imagefs.store.s3 import S3Store
 from imagefs.store.s3fast import ConnectionPool
 from tests.fixtures.seaweed import SeaweedServer, free_ports
@@ -27,9 +29,12 @@ class Script:
     """What the fake server answers (by method and path) and what it saw."""
 
     replies: dict[tuple[str, str], Callable[[dict[str, str]], Reply]] = field(default_factory=dict)
+    # answers what replies does not name: (method, path, headers) -> reply
+    default: Callable[[str, str, dict[str, str]], Reply] | None = None
     seen: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     connections: set[tuple[str, int]] = field(default_factory=set)
     close_after_reply: bool = False
+    trickle: float = 0.0  # seconds between the bytes of a body (0: the body at once)
 
 
 def _handler(script: Script) -> type[http.server.BaseHTTPRequestHandler]:
@@ -44,22 +49,56 @@ def _handler(script: Script) -> type[http.server.BaseHTTPRequestHandler]:
             script.seen.append((self.command, self.path, headers))
             script.connections.add(self.client_address)
             make = script.replies.get((self.command, self.path))
-            status, extra, body = make(headers) if make else (404, {}, b"")
+            if make:
+                status, extra, body = make(headers)
+            elif script.default:
+                status, extra, body = script.default(self.command, self.path, headers)
+            else:
+                status, extra, body = 404, {}, b""
             self.send_response(status)
             for k, v in extra.items():
                 self.send_header(k, v)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            if self.command != "HEAD":
+            if self.command == "HEAD":
+                pass
+            elif script.trickle:
+                self._trickle(body)
+            else:
                 self.wfile.write(body)
             if script.close_after_reply:  # drop the connection without saying so (a stale keep-alive)
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_RDWR)
                 self.close_connection = True
 
+        def _trickle(self, body: bytes) -> None:
+            """A byte at a time, each well within any read timeout: only a deadline stops it."""
+            try:
+                for i in range(len(body)):
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(script.trickle)
+            except OSError:  # the client gave up
+                self.close_connection = True
+
         do_GET = do_HEAD = _answer
 
     return Handler
+
+
+@contextmanager
+def serve(script: Script) -> Iterator[str]:
+    """A fake S3 endpoint answering as script says, on a free port; yields its URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(script))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="fake-s3", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 @pytest.fixture
@@ -72,16 +111,8 @@ def aws_keys(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def fake(aws_keys: None) -> Iterator[tuple[Script, str]]:
     script = Script()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(script))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, name="fake-s3", daemon=True)
-    thread.start()
-    try:
-        yield script, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with serve(script) as endpoint:
+        yield script, endpoint
 
 
 def ok(body: bytes, **headers: str) -> Callable[[dict[str, str]], Reply]:
@@ -193,6 +224,80 @@ def test_a_silent_server_times_out_as_temporary() -> None:
             assert time.monotonic() - start < 3
     finally:
         listener.close()
+
+
+def test_a_body_sent_slowly_ends_at_the_request_timeout(fake: tuple[Script, str]) -> None:
+    """Each byte comes well within the read timeout, so only the request's own deadline ends it
+    (whole, the body would take 100 s)."""
+    script, endpoint = fake
+    script.replies[("GET", "/bkt/k")] = ok(b"x" * 500)
+    script.trickle = 0.2
+    with S3Store("bkt", endpoint=endpoint, read_timeout=5, request_timeout=1.0) as store:
+        start = time.monotonic()
+        with pytest.raises(TemporaryStoreError, match="127.0.0.1"):
+            store.get("k")
+        assert 1.0 <= time.monotonic() - start < 1.8
+        script.trickle = 0
+        assert store.get("k") == b"x" * 500  # the cut connection was not kept
+
+
+def test_a_slow_answer_ends_by_the_retry_deadline(fake: tuple[Script, str]) -> None:
+    """Under RetryingStore the attempt in progress ends by the call's deadline (longer than the
+    request timeout here), and no attempt starts after it."""
+    script, endpoint = fake
+    script.replies[("GET", "/bkt/k")] = ok(b"x" * 500)
+    script.trickle = 0.2
+    store = RetryingStore(S3Store("bkt", endpoint=endpoint, read_timeout=5, request_timeout=60), deadline=1.5)
+    with store:
+        start = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="get k") as info:
+            store.get("k")
+        assert 1.5 <= time.monotonic() - start < 2.3
+    assert isinstance(info.value.__cause__, TemporaryStoreError)
+    assert len(script.seen) == 1
+
+
+def test_headers_sent_slowly_end_at_the_request_timeout(aws_keys: None) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def drip() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            while not stop.is_set():
+                try:
+                    conn.sendall(b"X")  # one long header line that never ends
+                except OSError:
+                    return
+                time.sleep(0.1)
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    try:
+        endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        with S3Store("bkt", endpoint=endpoint, read_timeout=5, request_timeout=1.0) as store:
+            start = time.monotonic()
+            with pytest.raises(TemporaryStoreError, match="127.0.0.1"):
+                store.get("k")
+            assert time.monotonic() - start < 1.8
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(5)
+
+
+def test_a_kept_connection_gets_its_read_timeout_back(fake: tuple[Script, str]) -> None:
+    """A request that ran into the last read timeout before its deadline cut the socket's timeout;
+    the connection goes back to the pool with the read timeout again."""
+    script, endpoint = fake
+    script.replies[("GET", "/bkt/k")] = ok(b"v")
+    with S3Store("bkt", endpoint=endpoint, read_timeout=5, request_timeout=2) as store:
+        assert store.get("k") == b"v"
+        (conn,) = store._http.pool._idle
+        assert conn.sock is not None and conn.sock.gettimeout() == 5
+        assert store.get("k") == b"v" and len(script.connections) == 1
 
 
 def test_a_closed_port_is_temporary() -> None:

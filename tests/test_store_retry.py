@@ -10,7 +10,7 @@ import pytest
 from imagefs.errors import BlobNotFound, InvalidKey, StoreError, StoreUnavailable, TemporaryStoreError
 from imagefs.store.base import BlobInfo, BlobStore
 from imagefs.store.factory import open_store, store_deadline
-from imagefs.store.retry import RetryingStore
+from imagefs.store.retry import RetryingStore, call_deadline
 from imagefs.store.s3 import S3Store
 from tests.fixtures.seaweed import SeaweedServer, free_ports
 
@@ -145,6 +145,43 @@ def test_gives_up_at_the_deadline() -> None:
     assert isinstance(info.value.__cause__, TemporaryStoreError)
     assert clock.now - 1000.0 == pytest.approx(5.0)  # slept exactly up to the deadline, no further
     assert 5 < inner.calls < 100
+
+
+def test_no_attempt_starts_after_the_deadline() -> None:
+    class Timed(FlakyStore):
+        def _step(self) -> None:
+            starts.append(clock.now)
+            super()._step()
+
+    clock = FakeClock()
+    starts: list[float] = []
+    with pytest.raises(StoreUnavailable):
+        wrap(Timed(temp(10_000), clock=clock, call_cost=0.3), clock, deadline=5.0).get("k")
+    assert starts and max(starts) < 1005.0
+
+
+def test_the_inner_store_is_told_the_deadline() -> None:
+    """call_deadline() is the call's deadline (time.monotonic()) in every attempt, and only
+    during the call; a nested call keeps the earlier of the two; deadline 0 sets none."""
+
+    class Told(FlakyStore):
+        def _step(self) -> None:
+            told.append(call_deadline())
+            super()._step()
+
+    told: list[float | None] = []
+    before = time.monotonic()
+    RetryingStore(Told(temp(2)), deadline=7.0, sleep=lambda _s: None).get("k")
+    assert len(told) == 3 and len(set(told)) == 1
+    assert told[0] is not None and before + 7.0 <= told[0] <= time.monotonic() + 7.0
+    assert call_deadline() is None
+
+    told.clear()
+    inner = RetryingStore(Told([]), deadline=60.0)
+    RetryingStore(inner, deadline=7.0).get("k")
+    assert told[0] is not None and told[0] <= time.monotonic() + 7.0
+    RetryingStore(Told([]), deadline=0.0).get("k")
+    assert told[1] is None
 
 
 def test_deadline_counts_time_spent_in_calls() -> None:

@@ -5,7 +5,11 @@ wait for that load instead of starting another. Store calls run in worker thread
 CapacityLimiter; blake3 verification and zstd decompression happen in the same thread, off the
 event loop. Readahead and prefetch are queues served by a few background workers, so they never
 hold more than a few of the store slots that demand reads need. Errors of one load reach all its
-waiters as ChunkUnavailable (EIO) and are forgotten: the next read tries again.
+waiters as ChunkUnavailable (EIO). A load that failed slowly (the store did not answer in time;
+not a missing or corrupt chunk) is remembered for failure_hold_s, or until a load from the store
+succeeds: reads of that chunk meanwhile fail at once with the same error. The kernel follows a
+failed read with a smaller one of the same bytes, which would otherwise wait out the store
+deadline a second time. Other errors are forgotten: the next read tries again.
 
 Parts of chunks (peek_range, peek_into, get_range) also come from host-cache files this process
 has verified, read straight from the page cache on the event loop when they are resident there
@@ -60,6 +64,11 @@ class FetchLimits:
     write_quiet_s: float = 1.0
     write_delay_max_s: float = 30.0
     deferred_max: int = 256 * 1024 * 1024
+    # A chunk whose load failed after at least this long (the store did not answer) fails at
+    # once for this long, unless a load from the store succeeds meanwhile: long enough for the
+    # kernel's retry of a failed read, which follows at once; short enough that a store that
+    # is back is soon used again. A load that failed sooner costs little to repeat.
+    failure_hold_s: float = 1.5
 
 
 @dataclass
@@ -91,6 +100,7 @@ class FetchCounters:
     times: dict[str, LoadTimes] = field(default_factory=lambda: {k: LoadTimes() for k in KINDS})
     joined: int = 0  # requests that waited for a load already in flight
     errors: int = 0  # loads that failed (store down, missing, corrupt)
+    failed_at_once: int = 0  # loads not made as their chunk's had just failed (its readers got that error)
     corrupt: int = 0  # chunks the store returned corrupt
     background_skipped: int = 0  # readahead/prefetch entries already present when their turn came
     pack_reads: int = 0  # parts of chunks served from a read-set pack segment
@@ -104,6 +114,7 @@ class FetchCounters:
             total.raw_bytes += c.raw_bytes
         return {"chunks_fetched": total.chunks, "bytes_fetched": total.bytes,
                 "raw_bytes_fetched": total.raw_bytes, "joined": self.joined, "errors": self.errors,
+                "failed_at_once": self.failed_at_once,
                 "corrupt": self.corrupt, "background_skipped": self.background_skipped,
                 "pack_reads": self.pack_reads, "pack_dropped": self.pack_dropped,
                 "by_kind": {k: dict(vars(c)) for k, c in self.by_kind.items()},
@@ -188,6 +199,14 @@ class _Flight:
         self.data: Content | None = None
         self.error: ChunkUnavailable | None = None
 
+    @classmethod
+    def failed(cls, error: ChunkUnavailable) -> "_Flight":
+        """A flight over before it began: its chunk's load failed a moment ago."""
+        flight = cls()
+        flight.error = error
+        flight.done.set()
+        return flight
+
 
 class ChunkFetcher:
     """The ChunkSource of a mount. Call get() and readahead() only while running() is active."""
@@ -200,6 +219,8 @@ class ChunkFetcher:
         self.limits = limits
         self.counters = FetchCounters()
         self._inflight: dict[str, _Flight] = {}
+        # chunk -> (time.monotonic() until which, why): loads that failed slowly, a moment ago
+        self._failed: dict[str, tuple[float, ChunkUnavailable]] = {}
         self._store_slots = trio.CapacityLimiter(limits.store)
         self._disk_slots = trio.CapacityLimiter(limits.disk)
         self._write_slots = trio.CapacityLimiter(limits.writers)
@@ -362,6 +383,8 @@ class ChunkFetcher:
     def _launch(self, digest: Digest, size: int, kind: str) -> _Flight:
         if self._nursery is None:
             raise RuntimeError("ChunkFetcher used outside running()")
+        if self._failed and (error := self._recent_failure(digest)) is not None:
+            return _Flight.failed(error)
         if kind != PREFETCH:
             if not self._urgent_loads and self.on_busy is not None:
                 self.on_busy(True)
@@ -375,6 +398,8 @@ class ChunkFetcher:
         start = time.perf_counter_ns()
         try:
             data, from_store = await self._obtain(digest, size, kind)
+            if from_store and self._failed:
+                self._failed.clear()  # the store answers again: no reason to fail reads at once
             if data is not None:
                 self.memory.put(digest, data)
                 times = self.counters.times[kind]
@@ -383,6 +408,8 @@ class ChunkFetcher:
         except ChunkUnavailable as e:
             self.counters.errors += 1
             flight.error = e
+            if not e.lasting:
+                self._remember_failure(digest, e, (time.perf_counter_ns() - start) / 1e9)
         except Exception as e:  # a bug must fail this read, not the daemon
             log.exception("unexpected error loading chunk %s (%s read)", digest, kind)
             self.counters.errors += 1
@@ -403,6 +430,25 @@ class ChunkFetcher:
                 self._deferred_bytes += len(flight.data)
             else:
                 self._writes.start_soon(self._write_back, digest, flight.data, name=f"cache-{digest[:12]}")
+
+    def _remember_failure(self, digest: Digest, error: ChunkUnavailable, took_s: float) -> None:
+        if took_s < self.limits.failure_hold_s:
+            return
+        now = time.monotonic()
+        if len(self._failed) >= 4096:  # a long outage: keep only the failures still held
+            self._failed = {d: held for d, held in self._failed.items() if held[0] > now}
+        self._failed[digest] = (now + self.limits.failure_hold_s, error)
+
+    def _recent_failure(self, digest: Digest) -> ChunkUnavailable | None:
+        """The error of this chunk's last load if that failed slowly a moment ago."""
+        held = self._failed.get(digest)
+        if held is None:
+            return None
+        if time.monotonic() >= held[0]:
+            del self._failed[digest]
+            return None
+        self.counters.failed_at_once += 1
+        return held[1]
 
     async def _deferred_writer(self) -> None:
         """Hand deferred prefetch write-backs to the writers once reads pause (or they waited long)."""

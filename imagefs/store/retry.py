@@ -4,10 +4,15 @@ Only TemporaryStoreError is retried; BlobNotFound, InvalidKey and every other St
 straight through. Waits grow exponentially with "equal jitter" (half fixed, half random) and
 are cut short at the deadline; once it is spent the call raises StoreUnavailable naming the
 operation, the key and the last error. Clock, sleep and randomness are injectable for tests.
+
+The deadline bounds the whole call, attempts included: while a call runs, call_deadline() tells
+the backend in its thread when it must end, and a backend ends its requests by then (the S3 read
+path does; see imagefs.store.s3fast), so a store that answers slowly cannot hold a call past it.
 """
 from __future__ import annotations
 
 import random
+import threading
 import time
 from typing import Callable, Iterator, TypeVar
 
@@ -17,6 +22,18 @@ from imagefs.store.base import BlobInfo, BlobStore
 T = TypeVar("T")
 
 DEFAULT_DEADLINE = 30.0
+
+_calls = threading.local()  # .deadline: that of the RetryingStore call this thread is making
+
+
+def call_deadline() -> float | None:
+    """When (a time.monotonic() value) the RetryingStore call this thread is making must end;
+    None outside such a call, or in one whose deadline is 0 (a single attempt, not limited here)."""
+    return getattr(_calls, "deadline", None)
+
+
+def _earlier(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
 
 
 class RetryingStore(BlobStore):
@@ -47,6 +64,16 @@ class RetryingStore(BlobStore):
         return cap / 2 + self._jitter() * cap / 2
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """fn() until it succeeds, fails for good, or the deadline passes: no attempt starts after
+        it, and the one in progress is told to end by it (call_deadline())."""
+        outer = call_deadline()
+        _calls.deadline = _earlier(outer, (time.monotonic() + self.deadline) if self.deadline else None)
+        try:
+            return self._attempts(what, fn)
+        finally:
+            _calls.deadline = outer
+
+    def _attempts(self, what: str, fn: Callable[[], T]) -> T:
         start = self._clock()
         attempt = 0
         while True:
@@ -55,12 +82,13 @@ class RetryingStore(BlobStore):
             except TemporaryStoreError as e:
                 attempt += 1
                 left = self.deadline - (self._clock() - start)
-                if left <= 0:
+                if left > 0:
+                    self._sleep(min(self._delay(attempt - 1), left))
+                if self._clock() - start >= self.deadline:
                     raise StoreUnavailable(
                         f"store {self.url} unavailable: {what} failed {attempt} times "
                         f"in {self._clock() - start:.1f}s; last error: {e}"
                     ) from e
-                self._sleep(min(self._delay(attempt - 1), left))
 
     def get(self, key: str) -> bytes:
         return self._call(f"get {key}", lambda: self.inner.get(key))

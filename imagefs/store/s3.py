@@ -12,7 +12,9 @@ repeats). Opening a store therefore does no network I/O (so every call that can 
 RetryingStore retries), and reads from a bucket that does not exist yet find nothing.
 
 Each call makes one attempt (botocore's own retries are off); callers get TemporaryStoreError for
-anything worth retrying and wrap the store in RetryingStore. No botocore or http.client exception
+anything worth retrying and wrap the store in RetryingStore. A read ends by the deadline of the
+RetryingStore call it serves, else request_timeout seconds after it started, however slowly the
+server sends. No botocore or http.client exception
 leaves this module: every one is mapped onto imagefs.errors.
 """
 from __future__ import annotations
@@ -121,6 +123,7 @@ class S3Store(BlobStore):
         *,
         connect_timeout: float = 3.0,
         read_timeout: float = 5.0,
+        request_timeout: float = 60.0,
     ) -> None:
         if not bucket:
             raise StoreError("s3 store URL names no bucket")
@@ -135,7 +138,8 @@ class S3Store(BlobStore):
         self.region = resolve_region(region)
         self._credentials = LazyCredentials(endpoint)
         self._http = S3Http(endpoint_for(endpoint, self.region), Signer(self.region), self._credentials,
-                            max_idle=max_pool, connect_timeout=connect_timeout, read_timeout=read_timeout)
+                            max_idle=max_pool, connect_timeout=connect_timeout, read_timeout=read_timeout,
+                            request_timeout=request_timeout)
         self._timeouts = (max_pool, connect_timeout, read_timeout)
         self._client_lock = threading.Lock()
         self._client_obj: Any = None

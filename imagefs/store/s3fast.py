@@ -7,19 +7,29 @@ CPU. Objects are addressed path-style (``/<bucket>/<key>``).
 Answers come back as Response objects; transport failures (refused, reset, timed out, cut short)
 raise TemporaryStoreError naming the endpoint, and response_error() maps an HTTP error answer
 onto the store error hierarchy the same way for every caller.
+
+Each request has a deadline: that of the RetryingStore call it serves (retry.call_deadline()),
+else request_timeout from its start. Its answer (status line, headers and body) is read through a
+_Receiver that starts no receive past the deadline and lets none wait beyond it, so a server that
+sends slowly (a byte within every read timeout) cannot hold a request, nor a caller, past it.
 """
 from __future__ import annotations
 
 import http.client
+import io
+import math
 import os
 import re
+import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 from imagefs.errors import StoreError, TemporaryStoreError
+from imagefs.store.retry import call_deadline
 from imagefs.store.sigv4 import Credentials, Signer, uri_encode
 
 TEMPORARY_CODES = frozenset({
@@ -60,6 +70,72 @@ def endpoint_for(endpoint: str | None, region: str) -> str:
     return endpoint or f"https://s3.{region}.amazonaws.com"
 
 
+def time_left(deadline: float) -> float:
+    """Seconds until deadline (a time.monotonic() value); TimeoutError once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("no complete answer by the request's deadline")
+    return left
+
+
+class _Timed(http.client.HTTPConnection):
+    """A pool connection: the answer to each request is read against that request's deadline."""
+
+    deadline = math.inf  # time.monotonic() by which the answer in progress must be read
+    read_timeout = 5.0  # the socket's timeout between requests (each receive waits at most this)
+    shortened = False  # the socket's timeout was cut below read_timeout to meet a deadline
+
+    # http.client makes each answer with response_class(sock, ...), and the answer reads from
+    # sock.makefile(): here a _Receiver makes that file.
+    def response_class(  # type: ignore[assignment]
+            self, sock: socket.socket, *args: Any, **kwargs: Any) -> http.client.HTTPResponse:
+        return http.client.HTTPResponse(_Receiver(self, sock), *args, **kwargs)  # type: ignore[arg-type]
+
+    def restore_timeout(self) -> None:
+        """Back to read_timeout after a request that ended close to its deadline."""
+        if self.shortened and self.sock is not None:
+            self.sock.settimeout(self.read_timeout)
+        self.shortened = False
+
+
+class _TimedTLS(_Timed, http.client.HTTPSConnection):
+    """The same over TLS."""
+
+
+class _Receiver(io.RawIOBase):
+    """A connection's socket as one answer reads it: a receive starts only before the request's
+    deadline and waits at most min(read timeout, time left). Costs a clock read per receive; the
+    socket's timeout is changed (a system call) only within the last read timeout before the
+    deadline."""
+
+    def __init__(self, conn: _Timed, sock: socket.socket) -> None:
+        super().__init__()
+        self._conn = conn
+        self._sock = sock
+        # What http.client would read from: it keeps the socket open until the answer is read,
+        # even once the connection has let go of it (an answer that closes the connection).
+        self._raw = sock.makefile("rb", buffering=0)
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(self)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        conn = self._conn
+        left = time_left(conn.deadline)
+        if left < conn.read_timeout:
+            self._sock.settimeout(left)
+            conn.shortened = True
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
 class ConnectionPool:
     """Idle keep-alive connections to one endpoint, at most max_idle kept; any number in use."""
 
@@ -76,18 +152,18 @@ class ConnectionPool:
         self.max_idle = max_idle
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self._idle: list[http.client.HTTPConnection] = []
+        self._idle: list[_Timed] = []
         self._lock = threading.Lock()
         self._ssl: ssl.SSLContext | None = None
 
-    def take(self) -> tuple[http.client.HTTPConnection, bool]:
+    def take(self, deadline: float = math.inf) -> tuple[_Timed, bool]:
         """(connection, reused): the most recently returned idle one, else a new one."""
         with self._lock:
             if self._idle:
                 return self._idle.pop(), True
-        return self.connect(), False
+        return self.connect(deadline), False
 
-    def give(self, conn: http.client.HTTPConnection) -> None:
+    def give(self, conn: _Timed) -> None:
         with self._lock:
             if len(self._idle) < self.max_idle:
                 self._idle.append(conn)
@@ -100,14 +176,15 @@ class ConnectionPool:
         for conn in idle:
             conn.close()
 
-    def connect(self) -> http.client.HTTPConnection:
-        """A new connection, connected (so connection errors surface here)."""
-        conn: http.client.HTTPConnection
+    def connect(self, deadline: float = math.inf) -> _Timed:
+        """A new connection, connected (so connection errors surface here), by deadline at the latest."""
+        timeout = min(self.connect_timeout, time_left(deadline))
+        conn: _Timed
         if self.https:
-            conn = http.client.HTTPSConnection(self.hostname, self.port, timeout=self.connect_timeout,
-                                               context=self._ssl_context())
+            conn = _TimedTLS(self.hostname, self.port, timeout=timeout, context=self._ssl_context())
         else:
-            conn = http.client.HTTPConnection(self.hostname, self.port, timeout=self.connect_timeout)
+            conn = _Timed(self.hostname, self.port, timeout=timeout)
+        conn.read_timeout = self.read_timeout
         try:
             conn.connect()
             assert conn.sock is not None
@@ -125,13 +202,18 @@ class ConnectionPool:
 
 
 class S3Http:
-    """Signed, body-less S3 requests (GET, HEAD) over a ConnectionPool."""
+    """Signed, body-less S3 requests (GET, HEAD) over a ConnectionPool.
+
+    A request ends by the deadline of the RetryingStore call it serves, else request_timeout
+    seconds after it started; one still unanswered then fails as a timeout (TemporaryStoreError)."""
 
     def __init__(self, endpoint: str, signer: Signer, credentials: Callable[[], Credentials], *,
-                 max_idle: int = 32, connect_timeout: float = 3.0, read_timeout: float = 5.0) -> None:
+                 max_idle: int = 32, connect_timeout: float = 3.0, read_timeout: float = 5.0,
+                 request_timeout: float = 60.0) -> None:
         self.endpoint = endpoint
         self.signer = signer
         self.credentials = credentials
+        self.request_timeout = request_timeout
         self.pool = ConnectionPool(endpoint, max_idle=max_idle, connect_timeout=connect_timeout,
                                    read_timeout=read_timeout)
 
@@ -141,23 +223,30 @@ class S3Http:
         signed = self.signer.sign(self.credentials(), method, self.pool.host_header, encoded)
         send = {**signed, **(headers or {})}
         try:
-            return self._exchange(method, encoded, send)
+            return self._exchange(method, encoded, send, self._deadline())
         except (OSError, http.client.HTTPException) as e:
             raise TemporaryStoreError(f"s3 {what}: {self.endpoint}{encoded}: {one_line(e)}") from None
 
-    def _exchange(self, method: str, path: str, headers: dict[str, str]) -> Response:
-        conn, reused = self.pool.take()
+    def _deadline(self) -> float:
+        """When a request starting now must be answered by (time.monotonic())."""
+        outer = call_deadline()
+        return time.monotonic() + self.request_timeout if outer is None else outer
+
+    def _exchange(self, method: str, path: str, headers: dict[str, str], deadline: float) -> Response:
+        conn, reused = self.pool.take(deadline)
         try:
-            return self._once(conn, method, path, headers)
+            return self._once(conn, method, path, headers, deadline)
         except _STALE:
             if not reused:
                 raise
         # The server closed an idle connection: others may be stale too, so retry on a new one.
-        return self._once(self.pool.connect(), method, path, headers)
+        return self._once(self.pool.connect(deadline), method, path, headers, deadline)
 
-    def _once(self, conn: http.client.HTTPConnection, method: str, path: str,
-              headers: dict[str, str]) -> Response:
-        """One request and its whole answer; the connection goes back to the pool only after that."""
+    def _once(self, conn: _Timed, method: str, path: str, headers: dict[str, str],
+              deadline: float) -> Response:
+        """One request and its whole answer, by deadline; the connection goes back to the pool only
+        after that (one past its deadline is closed: it may still be carrying the answer)."""
+        conn.deadline = deadline
         try:
             conn.request(method, path, headers=headers)
             resp = conn.getresponse()
@@ -169,6 +258,7 @@ class S3Http:
         if resp.will_close:
             conn.close()
         else:
+            conn.restore_timeout()
             self.pool.give(conn)
         return answer
 
