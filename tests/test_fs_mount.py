@@ -15,7 +15,7 @@ from imagefs.errors import ImageNotFound
 from imagefs.fs import mounts
 from imagefs.fs.errors import MountError
 from imagefs.fs.fuse_ops import POLL_US, PYFUSE3_FEATURES
-from imagefs.images import Ref, set_tag
+from imagefs.images import Ref, load_index, set_tag
 from imagefs.store.local import LocalStore
 from tests.fixtures.mount import Mounter, make_python_root, store_image, takes_o_direct
 from tests.test_fs_ops import make_tree
@@ -155,6 +155,34 @@ def test_busy_mount_is_detached_lazily(mounter: Mounter,
     mounter.mounted.clear()
     deadline_ok = mounts._wait_exit(info.pid, 10.0)
     assert deadline_ok, "daemon did not exit after the last file was closed"
+
+
+def test_prefetch_requests_name_only_chunks_of_the_image(
+        mounter: Mounter, rich_image: tuple[Path, LocalStore, str]) -> None:
+    """A prefetch digest names a host-cache file: anything but a chunk of this image (with its
+    size) is refused before it reaches the cache, so no path outside it is ever touched."""
+    _src, store, image_id = rich_image
+    info = mounter.mount(store.url, image_id)
+    victim = mounter.base / "victim.txt"
+    victim.write_text("hello")
+    index = load_index(store, image_id)
+    digest, size = index.chunks[0], index.chunk_sizes[0]
+    for bad in ([("../victim.txt", 5)], [("../../victim.txt", 5)], [(str(victim), 5)],
+                [("f" * 64, 5)], [(digest, size + 1)], [(digest.upper(), size)], [[digest]], "nope"):
+        with pytest.raises(MountError, match="not a chunk of image|must be a list"):
+            mounts.prefetch(info.mountpoint, bad)  # type: ignore[arg-type]
+    assert victim.read_text() == "hello"
+    assert mounts.prefetch(info.mountpoint, [(digest, size)]) == 1
+    assert mounts.read_stats(info.mountpoint)["fetch"]["errors"] == 0
+
+
+def test_a_cache_size_of_zero_is_refused(local_store: LocalStore, tmp_path: Path) -> None:
+    for size in (0, -1):
+        with pytest.raises(MountError, match="more than 0 bytes"):
+            mounts.mount_image(local_store.url, "any:tag", tmp_path, cache_size=size)
+    res = coldstart("mount", "any:tag", str(tmp_path), "--store", local_store.url, "--cache-size", "0")
+    assert res.returncode == MountError.exit_code
+    assert "host cache size must be more than 0 bytes" in res.stderr
 
 
 def coldstart(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -80,27 +80,25 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if args.mountpoint:
         mounts.unmount(args.mountpoint)
         return 0
+    failed = 0
     for mp in _all_mounts():
         try:
             mounts.unmount(mp)
         except MountError as e:
             print(f"coldstart: {e}", file=sys.stderr)
+            failed += 1
+    if failed:
+        raise MountError(f"{failed} mount(s) could not be unmounted")
     return 0
 
 
 def _all_mounts() -> list[str]:
     """Every mount this host's run directory knows of (dead daemons included), and any coldstart
-    FUSE mount below the run directory (the runner's shared image mounts)."""
-    found = {str(s["mountpoint"]) for s in map(mounts.read_state, map(str, (mounts.run_dir() / "mounts").glob("*.json")))
-             if s and s.get("mountpoint")}
-    under = str(mounts.run_dir()) + "/"
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            point = fields[4].encode().decode("unicode_escape")
-            if fields[sep + 1] == "fuse.coldstart" and point.startswith(under):
-                found.add(point)
+    FUSE mount below the run directory (the runner's shared image mounts). unmount() refuses a
+    mountpoint that holds anything but a coldstart mount."""
+    states = map(mounts.read_state, map(str, (mounts.run_dir() / "mounts").glob("*.json")))
+    found = {str(s["mountpoint"]) for s in states if s and s.get("mountpoint")}
+    found.update(mounts.coldstart_mounts(under=str(mounts.run_dir())))
     return sorted(found)
 
 

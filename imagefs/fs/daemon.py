@@ -24,13 +24,14 @@ import pyfuse3
 import trio
 
 from imagefs import profile as profiles
+from imagefs.chunks import Digest, is_digest
 from imagefs.errors import ImageFSError
 from imagefs.fs import control, push, warm
 from imagefs.fs.cache import DEFAULT_MEMORY_SIZE, DEFAULT_SIZE, HostCache, MemoryCache
 from imagefs.fs.fetcher import ChunkFetcher, FetchLimits
 from imagefs.fs.fuse_ops import FuseOps, default_poll_us, mount_options, set_polling
 from imagefs.fs.model import ImageFS, ReadaheadPolicy
-from imagefs.fs.mounts import unescape_mount_path
+from imagefs.fs.mounts import detach, mount_device
 from imagefs.fs.trace import DEFAULT_LIMIT, NAME_KINDS, AccessTrace
 from imagefs.guess import DEFAULT_BUDGET as DEFAULT_GUESS_BUDGET, DEFAULT_PATH as DEFAULT_GUESS_PATH
 from imagefs.guess import guess as guess_startup
@@ -94,6 +95,9 @@ class DaemonConfig:
 
 
 PROFILE_WAIT_S = 0.5  # how long a mount may wait for its profile before it reports ready anyway
+# How long a stopping daemon waits for its threads past the fetcher's drain_timeout (the time it
+# gives host-cache writes) before it exits without them: a store request may never return.
+STOP_GRACE_S = 1.0
 
 
 class _Loading:
@@ -145,6 +149,10 @@ class Daemon:
         self.fs = ImageFS(self.index, self.fetcher, trace=self.trace, readahead=policy)
         self.ops = FuseOps(self.fs, skip_open=self.config.skip_open)
         self.signalled = False
+        self._device: str | None = None  # 'major:minor' of the mount, once mounted
+        self._session_open = False
+        self._exit_timer: threading.Timer | None = None
+        self._sizes: dict[str, int] | None = None  # chunk sizes by digest, for prefetch requests
         self.polling_us = 0  # what _start_polling turned on
         self.startup.mark("model")
 
@@ -159,19 +167,53 @@ class Daemon:
         cached, total = self.cached_chunks()
         self.startup.mark("cached_count")
         pyfuse3.init(self.ops, self.config.mountpoint, mount_options(allow_other=self.config.allow_other))
+        self._session_open = True
+        self._device = mount_device(self.config.mountpoint)
         self._start_polling()
         self.startup.mark("fuse_init")
         try:
             trio.run(self._main, ready, {"cached_chunks": cached, "total_chunks": total})
         finally:
-            if not self._push_gate.close(timeout=1.0):
-                log.warning("a push into the page cache is still waiting for a page; closing anyway")
-            # After a signal we unmount ourselves; after an external umount the mountpoint may
-            # already hold a new mount that must not be touched.
-            pyfuse3.close(unmount=self.signalled)
+            self._close_session()
             self._remove_state()
             self.store.close()
             self._save_learned()
+            if self._exit_timer is not None:
+                self._exit_timer.cancel()
+
+    def _close_session(self) -> None:
+        """Close the FUSE session (once): reads of files still open fail from then on. After a
+        signal the mount is detached too, if the mount at the mountpoint is still this one (after
+        an external umount the mountpoint may already hold a new mount that must not be touched)."""
+        if not self._session_open:
+            return
+        self._session_open = False
+        self.fetcher.on_busy = None  # polling is a setting of the session
+        if not self._push_gate.close(timeout=1.0):
+            log.warning("a push into the page cache is still waiting for a page; closing anyway")
+        pyfuse3.close(unmount=self.signalled and self._still_mounted())
+
+    def _still_mounted(self) -> bool:
+        return self._device is not None and mount_device(self.config.mountpoint) == self._device
+
+    def _arm_exit_timer(self) -> None:
+        """Exit within the fetcher's drain_timeout plus STOP_GRACE_S from now, whatever the worker
+        threads do: one stuck in a store request that does not return must not keep the daemon."""
+        if self._exit_timer is None:
+            grace = self.fetcher.limits.drain_timeout + STOP_GRACE_S
+            self._exit_timer = threading.Timer(grace, self._exit_now, args=(grace,))
+            self._exit_timer.daemon = True
+            self._exit_timer.start()
+
+    def _exit_now(self, grace: float) -> None:
+        """The exit timer's end (in its own thread): leave the threads that still run behind."""
+        log.warning("still stopping after %.1f s (a store request that does not return?): exiting "
+                    "without waiting for the threads that run", grace)
+        if self._session_open and self.signalled and self._still_mounted():
+            detach(self.config.mountpoint)  # the session closes as the process exits
+        self._remove_state()
+        logging.shutdown()
+        os._exit(0)
 
     def _start_polling(self) -> None:
         poll = self.config.poll_us
@@ -189,22 +231,31 @@ class Daemon:
 
     async def _main(self, ready: Ready, info: dict[str, Any]) -> None:
         async with self.fetcher.running():
-            async with trio.open_nursery() as nursery:
-                await nursery.start(control.serve, self.config.socket_path, self._handle)
-                nursery.start_soon(self._watch_signals, name="signals")
-                nursery.start_soon(self._fuse_main, nursery.cancel_scope, name="fuse-main")
-                # The first request waits for the kernel's INIT handshake, which resets readahead.
-                await trio.to_thread.run_sync(os.stat, self.config.mountpoint)
-                set_kernel_readahead(self.config.mountpoint, self.config.kernel_readahead_kb)
-                self._write_state()
-                if self._profile is not None and (self._profile.wait(0) or await trio.to_thread.run_sync(
-                        self._profile.wait, PROFILE_WAIT_S)):  # no thread hop when it is there already
-                    self._queue_profile(self._profile)
-                ready({"ok": True, "pid": os.getpid(), "image": self.config.image_id, **info})
-                self.startup.mark("ready")
-                log.info("start-up (ms): %s", self.startup)
-                self._start_prefetch(nursery)
-                log.info("serving image %s at %s", self.config.image_id, self.config.mountpoint)
+            try:
+                async with trio.open_nursery() as nursery:
+                    await self._serve(nursery, ready, info)
+            finally:
+                # Unmounted or signalled: the session goes before the fetcher drains its loads,
+                # which may wait for a store that does not answer.
+                self._close_session()
+                self._arm_exit_timer()
+
+    async def _serve(self, nursery: trio.Nursery, ready: Ready, info: dict[str, Any]) -> None:
+        await nursery.start(control.serve, self.config.socket_path, self._handle)
+        nursery.start_soon(self._watch_signals, nursery.cancel_scope, name="signals")
+        nursery.start_soon(self._fuse_main, nursery.cancel_scope, name="fuse-main")
+        # The first request waits for the kernel's INIT handshake, which resets readahead.
+        await trio.to_thread.run_sync(os.stat, self.config.mountpoint, abandon_on_cancel=True)
+        set_kernel_readahead(self._device, self.config.kernel_readahead_kb)
+        self._write_state()
+        if self._profile is not None and (self._profile.wait(0) or await trio.to_thread.run_sync(
+                self._profile.wait, PROFILE_WAIT_S)):  # no thread hop when it is there already
+            self._queue_profile(self._profile)
+        ready({"ok": True, "pid": os.getpid(), "image": self.config.image_id, **info})
+        self.startup.mark("ready")
+        log.info("start-up (ms): %s", self.startup)
+        self._start_prefetch(nursery)
+        log.info("serving image %s at %s", self.config.image_id, self.config.mountpoint)
 
     def _start_prefetch(self, nursery: trio.Nursery) -> None:
         """The recorded profile, else what this host learned, else a guess from the command."""
@@ -249,13 +300,13 @@ class Daemon:
     async def _replay_profile(self) -> None:
         """Queue the profile once it has loaded (if that took longer than the mount did)."""
         assert self._profile is not None
-        await trio.to_thread.run_sync(self._profile.wait, None)
+        await trio.to_thread.run_sync(self._profile.wait, None, abandon_on_cancel=True)
         self._queue_profile(self._profile)
 
     async def _warm_recorded(self, loading: "_Loading") -> None:
         """The recorded profile's names, once it has loaded (its errors are _queue_profile's)."""
         try:
-            await trio.to_thread.run_sync(loading.wait, None)
+            await trio.to_thread.run_sync(loading.wait, None, abandon_on_cancel=True)
             if loading.error is None and loading.result.names:
                 await self._warm_names(loading.result)
         finally:
@@ -287,7 +338,7 @@ class Daemon:
     async def _push_recorded(self, loading: "_Loading") -> None:
         """Push the recorded profile's pack into the page cache, segment by segment as each
         arrives, for the files its names hold (imagefs.fs.push); stops on unmount."""
-        await trio.to_thread.run_sync(loading.wait, None)
+        await trio.to_thread.run_sync(loading.wait, None, abandon_on_cancel=True)
         if loading.error is not None or not loading.result.pack or not loading.result.names:
             return
         prof, stats = loading.result, self.push_stats
@@ -371,12 +422,18 @@ class Daemon:
         log.info("unmounted %s", self.config.mountpoint)
         scope.cancel()
 
-    async def _watch_signals(self) -> None:
+    async def _watch_signals(self, scope: trio.CancelScope) -> None:
+        """Stop on the first signal: FUSE requests are no longer read, those in flight (reads
+        waiting for the store) are cancelled, and _main closes the session and detaches the mount
+        at once; the process exits once the fetcher lets go (see _arm_exit_timer)."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 log.info("signal %d: unmounting %s", signum, self.config.mountpoint)
                 self.signalled = True
+                self._arm_exit_timer()
                 pyfuse3.terminate()
+                scope.cancel()
+                return
 
     async def _handle(self, request: dict[str, Any]) -> Any:
         op = request.get("op")
@@ -387,10 +444,29 @@ class Daemon:
         if op == "trace":
             return self.trace.dump(self.index)
         if op == "prefetch":
-            chunks = [(str(d), int(n)) for d, n in request.get("chunks", [])]
-            self.fetcher.prefetch(chunks)  # type: ignore[arg-type]
+            chunks = self._chunks_of_image(request.get("chunks", []))
+            self.fetcher.prefetch(chunks)
             return {"queued": len(chunks)}
         raise ValueError(f"unknown request {op!r}")
+
+    def _chunks_of_image(self, entries: Any) -> list[tuple[Digest, int]]:
+        """The [digest, size] pairs of a prefetch request; ValueError unless each is a chunk of
+        this image with its size in the index (a digest names a host-cache file)."""
+        if not isinstance(entries, list):
+            raise ValueError("chunks must be a list of [digest, size] pairs")
+        sizes = self._chunk_sizes()
+        chunks = []
+        for entry in entries:
+            digest, size = entry if isinstance(entry, list) and len(entry) == 2 else (None, None)
+            if not (isinstance(digest, str) and is_digest(digest) and sizes.get(digest) == size):
+                raise ValueError(f"not a chunk of image {self.config.image_id[:12]}: {str(entry)[:100]}")
+            chunks.append((Digest(digest), sizes[digest]))
+        return chunks
+
+    def _chunk_sizes(self) -> dict[str, int]:
+        if self._sizes is None:
+            self._sizes = dict(zip(self.index.chunks, self.index.chunk_sizes))
+        return self._sizes
 
     def stats(self) -> dict[str, Any]:
         return {"mountpoint": self.config.mountpoint, "image": self.config.image_id,
@@ -449,29 +525,16 @@ class StartupClock:
         return " ".join(f"{k}={v}" for k, v in self.steps.items())
 
 
-def set_kernel_readahead(mountpoint: str, kb: int) -> None:
-    """Let the kernel read ahead kb KiB on this mount (its FUSE default is 128 KiB); root only."""
-    if kb <= 0:
-        return
-    dev = mount_device(mountpoint)
-    if dev is None:
+def set_kernel_readahead(device: str | None, kb: int) -> None:
+    """Let the kernel read ahead kb KiB on the mount of this 'major:minor' (its FUSE default is
+    128 KiB); root only."""
+    if kb <= 0 or device is None:
         return
     try:
-        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
             f.write(str(kb))
     except OSError as e:
-        log.info("cannot set kernel readahead of %s: %s", mountpoint, e.strerror)
-
-
-def mount_device(mountpoint: str) -> str | None:
-    """'major:minor' of the mount at mountpoint, from mountinfo (never touching the mount)."""
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        lines = f.read().splitlines()
-    for line in reversed(lines):  # the last mount on a path is the visible one
-        fields = line.split()
-        if len(fields) > 4 and unescape_mount_path(fields[4]) == mountpoint:
-            return fields[2]
-    return None
+        log.info("cannot set kernel readahead of device %s: %s", device, e.strerror)
 
 
 def _ready_writer(fd: int) -> Ready:

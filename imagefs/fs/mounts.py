@@ -14,6 +14,7 @@ stack on another CPU while the command resolves the image.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import errno
 import gc
 import hashlib
@@ -31,7 +32,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from imagefs.chunks import is_digest
 from imagefs.fs.cache import DEFAULT_MEMORY_SIZE, DEFAULT_SIZE, default_cache_dir
@@ -47,7 +48,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 60.0
+UMOUNT_TIMEOUT = 3.0  # how long umount(8) may wait for a daemon before its connection is aborted
+KILL_WAIT = 2.0  # how long a daemon whose connection was aborted may take to stop before SIGKILL
 FSTYPE = "fuse.coldstart"
+FUSECTL = "/sys/fs/fuse/connections"
+MNT_DETACH, UMOUNT_NOFOLLOW = 2, 8  # umount2(2) flags
 PROCESS_NAME = "coldstart-mount"  # the comm of a forked daemon (an exec'd one runs imagefs.fs.daemon)
 SPAWN_MODES = ("auto", "fork", "exec")
 
@@ -159,6 +164,7 @@ def _prepare(store_url: str | None, ref: str, mountpoint: str | os.PathLike[str]
     mp = _abs(mountpoint)
     if not os.path.isdir(mp):
         raise MountError(f"mountpoint {mp} is not a directory")
+    cache_size = _cache_budget(cache_size)
     paths = mount_paths(mp)
     _clear_stale(mp, paths)
     url = store_url or default_store_url()
@@ -167,10 +173,21 @@ def _prepare(store_url: str | None, ref: str, mountpoint: str | os.PathLike[str]
     os.makedirs(os.path.dirname(paths.state), exist_ok=True)
     return Launch(dict(
         store_url=url, image_id=image_id, mountpoint=mp, ref=ref,
-        cache_dir=cache, cache_size=cache_size or DEFAULT_SIZE,
+        cache_dir=cache, cache_size=cache_size,
         memory_size=memory_size or DEFAULT_MEMORY_SIZE, state_path=paths.state,
         socket_path=paths.socket, log_path=paths.log,
         allow_other=tuning.pop("allow_other", _allow_other_permitted()), **tuning))
+
+
+def _cache_budget(cache_size: int | None) -> int:
+    """The host cache budget in bytes: DEFAULT_SIZE when not given; none at all is refused (the
+    cache holds every chunk a mount reads, so a mount cannot work without room for them)."""
+    if cache_size is None:
+        return DEFAULT_SIZE
+    if cache_size <= 0:
+        raise MountError(f"the host cache size must be more than 0 bytes, not {cache_size} "
+                         f"(leave it out for the default of {DEFAULT_SIZE >> 30} GiB)")
+    return cache_size
 
 
 def _resolve_image(store_url: str, ref: str, cache_dir: str) -> str:
@@ -501,38 +518,151 @@ def _log_tail(path: str, lines: int = 5) -> str:
 
 
 # -- unmounting --------------------------------------------------------------------------------
-def unmount(mountpoint: str | os.PathLike[str], *, timeout: float = 10.0) -> None:
-    """Unmount and stop the daemon; lazy-unmounts when the daemon is dead or the mount busy."""
+UmountOutcome = Literal["done", "refused", "aborted"]
+DONE: UmountOutcome = "done"
+REFUSED: UmountOutcome = "refused"
+ABORTED: UmountOutcome = "aborted"
+
+
+def unmount(mountpoint: str | os.PathLike[str], *, timeout: float = 10.0,
+            umount_timeout: float = UMOUNT_TIMEOUT) -> None:
+    """Unmount a coldstart mount and stop its daemon; lazy-unmounts when the daemon is dead or the
+    mount busy. A daemon that leaves the unmount waiting past umount_timeout has its FUSE
+    connection aborted and is killed if it does not stop then. Anything but a coldstart mount at
+    mountpoint is refused."""
     mp = _abs(mountpoint)
+    kind = mount_type(mp)
+    if kind is not None and kind != FSTYPE:
+        raise MountError(f"{mp} is not a coldstart mount (it is {kind})")
     paths = mount_paths(mp)
     state = read_state(paths.state)
     pid = int(state.get("pid", 0)) if state else 0
     alive = daemon_alive(pid)
-    if is_mounted(mp):
-        if not (alive and _umount(mp, lazy=False)):
-            _umount(mp, lazy=True)
-    elif state is None:
+    if kind is None and state is None:
         raise MountError(f"{mp} is not mounted")
-    if alive and not _wait_exit(pid, timeout):
-        log.warning("mount daemon %d of %s still running (files still open after a lazy unmount?)",
-                    pid, mp)
+    hung = kind is not None and _take_down(mp, alive, umount_timeout)
+    if alive:
+        _stop_daemon(pid, mp, timeout, hung=hung)
     if read_state(paths.state) == state:
         _remove(paths.state, paths.socket)
 
 
-def _umount(mp: str, *, lazy: bool) -> bool:
-    """Unmount mp; True on success. A failed lazy unmount raises MountError."""
-    if os.geteuid() == 0 or not shutil.which("fusermount3"):
-        cmd = ["umount", "-l", mp] if lazy else ["umount", mp]
-    else:
-        cmd = ["fusermount3", "-u", "-z", mp] if lazy else ["fusermount3", "-u", mp]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode == 0 or not is_mounted(mp):
-        return True
+def _take_down(mp: str, alive: bool, timeout: float) -> bool:
+    """Unmount mp, lazily if a plain unmount is refused (busy) or its daemon is dead; True when the
+    daemon did not answer and its connection was aborted."""
+    outcome = _umount(mp, lazy=False, timeout=timeout) if alive else REFUSED
+    if outcome == DONE or not is_mounted(mp):
+        return outcome == ABORTED
+    return ABORTED in (outcome, _umount(mp, lazy=True, timeout=timeout))
+
+
+def _stop_daemon(pid: int, mp: str, timeout: float, *, hung: bool) -> None:
+    """Wait for the daemon of an unmounted mount to exit. One that did not answer the unmount is
+    given KILL_WAIT seconds (its connection is gone, so it should notice), then killed."""
+    if _wait_exit(pid, KILL_WAIT if hung else timeout):
+        return
+    if not hung:
+        log.warning("mount daemon %d of %s still running (files still open after a lazy unmount?)",
+                    pid, mp)
+        return
+    log.warning("mount daemon %d of %s does not answer and did not stop: killing it", pid, mp)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    if not _wait_exit(pid, KILL_WAIT):
+        log.warning("mount daemon %d of %s is still there after SIGKILL", pid, mp)
+
+
+def _umount(mp: str, *, lazy: bool, timeout: float = UMOUNT_TIMEOUT) -> UmountOutcome:
+    """Unmount mp with umount(8) (fusermount3 for a user): DONE, REFUSED (a plain unmount of a
+    busy mount), or ABORTED: the tool still waited for the daemon after timeout seconds (it asks
+    the filesystem for its statistics first), so the mount's FUSE connection was aborted and, for
+    a lazy unmount, the mount detached. A failed lazy unmount raises MountError."""
+    proc = subprocess.Popen(_umount_command(mp, lazy), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        err = proc.communicate(timeout=timeout)[1].strip()
+    except subprocess.TimeoutExpired:
+        log.warning("unmount of %s got no answer from its daemon in %.1f s: aborting its FUSE "
+                    "connection", mp, timeout)
+        abort_connection(mp)  # the waiting tool gets an error now instead of an answer
+        _reap(proc)
+        if lazy and is_mounted(mp) and not detach(mp):
+            raise MountError(f"cannot unmount {mp}: its daemon does not answer") from None
+        return ABORTED
+    if proc.returncode == 0 or not is_mounted(mp):
+        return DONE
     if lazy:
-        raise MountError(f"cannot unmount {mp}: {res.stderr.strip()}")
-    log.info("unmount of %s failed (%s); detaching lazily", mp, res.stderr.strip())
+        raise MountError(f"cannot unmount {mp}: {err}")
+    log.info("unmount of %s failed (%s); detaching lazily", mp, err)
+    return REFUSED
+
+
+def _umount_command(mp: str, lazy: bool) -> list[str]:
+    if os.geteuid() == 0 or not shutil.which("fusermount3"):
+        return ["umount", "-l", mp] if lazy else ["umount", mp]
+    return ["fusermount3", "-u", "-z", mp] if lazy else ["fusermount3", "-u", mp]
+
+
+def _reap(proc: subprocess.Popen[str], timeout: float = 1.0) -> None:
+    """Let an overrunning tool finish (or kill it); one the kernel still holds is left behind."""
+    try:
+        proc.communicate(timeout=timeout)
+        return
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    try:
+        proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("unmount tool pid %d is stuck in the kernel; leaving it", proc.pid)
+
+
+def detach(mp: str) -> bool:
+    """Detach the mount at mp lazily with the umount2 system call, which asks its daemon nothing
+    (the daemon itself may be the caller, or may not answer). Root only; False where it failed."""
+    if os.geteuid() != 0:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(os.fsencode(mp), MNT_DETACH | UMOUNT_NOFOLLOW) == 0:
+        return True
+    log.warning("cannot detach %s: %s", mp, os.strerror(ctypes.get_errno()))
     return False
+
+
+def abort_connection(mp: str) -> bool:
+    """Abort the FUSE connection of the coldstart mount at mp through fusectl (mounted if need
+    be): every request waiting for its daemon fails at once, later ones too. Touches nothing on
+    the mount; False if there is no coldstart mount at mp or the abort failed."""
+    entry = _mount_entry(mp)
+    if entry is None or entry[entry.index("-") + 1] != FSTYPE:
+        return False
+    major, minor = (int(n) for n in entry[2].split(":"))
+    path = f"{FUSECTL}/{(major << 20) | minor}/abort"  # named by the kernel's dev_t of the mount
+    if not os.path.exists(path) and not _mount_fusectl():
+        return False
+    try:
+        with open(path, "w") as f:
+            f.write("1")
+    except OSError as e:
+        log.warning("cannot abort the FUSE connection of %s: %s", mp, e.strerror or e)
+        return False
+    return True
+
+
+def _mount_fusectl() -> bool:
+    """Mount the FUSE control filesystem where it belongs, unless it is there already."""
+    if _mount_entry(FUSECTL) is not None:
+        return True
+    try:
+        res = subprocess.run(["mount", "-t", "fusectl", "none", FUSECTL], capture_output=True,
+                             text=True, timeout=UMOUNT_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("cannot mount fusectl at %s: %s", FUSECTL, e)
+        return False
+    if res.returncode != 0:
+        log.warning("cannot mount fusectl at %s: %s", FUSECTL, res.stderr.strip())
+    return res.returncode == 0
 
 
 def _wait_exit(pid: int, timeout: float) -> bool:
@@ -585,14 +715,39 @@ def is_mounted(mountpoint: str) -> bool:
 
 def mount_type(mountpoint: str) -> str | None:
     """The filesystem type of the visible mount at mountpoint, or None."""
+    entry = _mount_entry(mountpoint)
+    return entry[entry.index("-") + 1] if entry else None
+
+
+def mount_device(mountpoint: str) -> str | None:
+    """'major:minor' of the visible mount at mountpoint, or None (never touching the mount)."""
+    entry = _mount_entry(mountpoint)
+    return entry[2] if entry else None
+
+
+def _mountinfo() -> list[str]:
+    """The lines of /proc/self/mountinfo, in mount order."""
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        lines = f.read().splitlines()
-    for line in reversed(lines):
+        return f.read().splitlines()
+
+
+def _mount_entry(mountpoint: str) -> list[str] | None:
+    """The mountinfo fields of the visible mount at mountpoint (the last mounted there)."""
+    for line in reversed(_mountinfo()):
         fields = line.split()
         if len(fields) > 4 and unescape_mount_path(fields[4]) == mountpoint:
-            sep = fields.index("-")
-            return fields[sep + 1]
+            return fields
     return None
+
+
+def coldstart_mounts(under: str = "/") -> list[str]:
+    """The mountpoints of every visible coldstart mount below the directory under."""
+    prefix = under.rstrip("/") + "/"
+    visible: dict[str, str] = {}
+    for fields in map(str.split, reversed(_mountinfo())):
+        if len(fields) > 4:
+            visible.setdefault(unescape_mount_path(fields[4]), fields[fields.index("-") + 1])
+    return sorted(p for p, kind in visible.items() if kind == FSTYPE and p.startswith(prefix))
 
 
 def unescape_mount_path(text: str) -> str:
