@@ -163,11 +163,15 @@ class MountLease:
         self.doc = _lease_doc("mount", image=image_id)
         self._beat = _Heartbeat(store, self.key, self.doc)
         self._taken = threading.Event()
+        self._released = threading.Event()
 
-    def start(self) -> None:
-        threading.Thread(target=self._take, name="mount-lease", daemon=True).start()
+    def start(self, delay: float = 0.0) -> None:
+        """Write the lease delay seconds from now (unless released by then), then keep it fresh."""
+        threading.Thread(target=self._take, args=(delay,), name="mount-lease", daemon=True).start()
 
-    def _take(self) -> None:
+    def _take(self, delay: float) -> None:
+        if self._released.wait(delay):
+            return
         try:
             self.store.put(self.key, json.dumps(self.doc).encode())
         except ImageFSError as e:
@@ -177,6 +181,7 @@ class MountLease:
         self._beat.start()
 
     def release(self) -> None:
+        self._released.set()
         self._beat.stop()
         if self._taken.is_set():
             try:

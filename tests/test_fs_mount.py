@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from imagefs.errors import ImageNotFound
 from imagefs.fs import mounts
 from imagefs.fs.errors import MountError
 from imagefs.fs.fuse_ops import POLL_US, PYFUSE3_FEATURES
-from imagefs.images import Ref, load_index, set_tag
+from imagefs.gc import gc
+from imagefs.images import Ref, load_index, parse_ref, remove_tag, set_tag
 from imagefs.store.local import LocalStore
 from tests.fixtures.mount import Mounter, make_python_root, store_image, takes_o_direct
 from tests.test_fs_ops import make_tree
@@ -142,6 +144,25 @@ def test_unmount_removes_state_and_stops_the_daemon(
     assert not mounts.is_mounted(info.mountpoint)
     assert not mounts.daemon_alive(info.pid)
     assert not os.path.exists(info.state_path) and not os.path.exists(info.socket_path)
+
+
+def test_a_mounted_image_is_kept_by_gc_until_unmounted(mounter: Mounter, tmp_path: Path) -> None:
+    """The mount's lease: its image survives `rm` of its tag and a gc while mounted (a container
+    still reads it), and goes at the first gc after the unmount, which removes the lease."""
+    store = LocalStore(tmp_path / "store", fsync=False)
+    image_id = store_image(store, make_tree(tmp_path / "src"))
+    set_tag(store, parse_ref("app:1"), image_id)
+    info = mounter.mount(store.url, "app:1", lease_delay_s=0.0)
+    deadline = time.monotonic() + 20
+    while not list(store.list("leases/mount-")):
+        assert time.monotonic() < deadline, "no mount lease written"
+        time.sleep(0.05)
+    remove_tag(store, parse_ref("app:1"))
+    assert gc(store, grace=0).deleted_indexes == []
+    assert (Path(info.mountpoint) / "etc" / "passwd").read_bytes()  # chunks still in the store
+    mounter.unmount(info)
+    assert list(store.list("leases/")) == []
+    assert gc(store, grace=0).deleted_indexes == [image_id]
 
 
 def test_busy_mount_is_detached_lazily(mounter: Mounter,

@@ -33,6 +33,7 @@ from imagefs.fs.fuse_ops import FuseOps, default_poll_us, mount_options, set_pol
 from imagefs.fs.model import ImageFS, ReadaheadPolicy
 from imagefs.fs.mounts import detach, mount_device
 from imagefs.fs.trace import DEFAULT_LIMIT, NAME_KINDS, AccessTrace
+from imagefs.gc import MountLease
 from imagefs.guess import DEFAULT_BUDGET as DEFAULT_GUESS_BUDGET, DEFAULT_PATH as DEFAULT_GUESS_PATH
 from imagefs.guess import guess as guess_startup
 from imagefs.indexcache import load_index
@@ -41,6 +42,13 @@ from imagefs.store.factory import open_store
 log = logging.getLogger(__name__)
 
 Ready = Callable[[dict[str, Any]], None]
+
+
+# The mount's lease on its image (imagefs.gc.MountLease: gc keeps the image while the mount lives)
+# is written this long after the mount is ready: writing to the store (for S3, the first write
+# loads boto3) must not take CPU from the container's start. gc deletes nothing younger than its
+# grace period, and an image unused for longer is what a lease-less window could lose.
+LEASE_DELAY_S = 5.0
 
 
 @dataclass
@@ -84,6 +92,7 @@ class DaemonConfig:
     # Answer open/opendir with ENOSYS so the kernel stops sending them (fuse_ops.FuseOps);
     # None: wherever the pyfuse3 build allows it. False serves opens (a stock pyfuse3's way).
     skip_open: bool | None = None
+    lease_delay_s: float = LEASE_DELAY_S  # see LEASE_DELAY_S
     verbose: int = 0
 
     def to_json(self) -> str:
@@ -149,6 +158,7 @@ class Daemon:
         self.fs = ImageFS(self.index, self.fetcher, trace=self.trace, readahead=policy)
         self.ops = FuseOps(self.fs, skip_open=self.config.skip_open)
         self.signalled = False
+        self._lease = MountLease(self.store, config.image_id)
         self._device: str | None = None  # 'major:minor' of the mount, once mounted
         self._session_open = False
         self._exit_timer: threading.Timer | None = None
@@ -176,6 +186,7 @@ class Daemon:
         finally:
             self._close_session()
             self._remove_state()
+            self._lease.release()
             self.store.close()
             self._save_learned()
             if self._exit_timer is not None:
@@ -255,6 +266,7 @@ class Daemon:
         self.startup.mark("ready")
         log.info("start-up (ms): %s", self.startup)
         self._start_prefetch(nursery)
+        self._lease.start(delay=self.config.lease_delay_s)
         log.info("serving image %s at %s", self.config.image_id, self.config.mountpoint)
 
     def _start_prefetch(self, nursery: trio.Nursery) -> None:

@@ -534,8 +534,9 @@ class ChunkFetcher:
 
     async def _from_store(self, digest: Digest, size: int, kind: str) -> Content:
         try:
-            stored, data, store_ns, decode_ns = await trio.to_thread.run_sync(
-                self._fetch_sync, digest, limiter=self._store_slots)
+            stored, data, store_ns, decode_ns = await trio.to_thread.run_sync(  # a stopping
+                self._fetch_sync, digest, limiter=self._store_slots,  # daemon does not wait for it
+                abandon_on_cancel=True)
         except CorruptBlob as e:
             self.counters.corrupt += 1
             log.error("chunk %s from the store is corrupt: %s", digest, e.reason)
