@@ -34,3 +34,7 @@ class GpuError(RunnerError):
 
 class MountError(RunnerError):
     """A mount the runner needs (overlay, shared image mount) could not be made."""
+
+
+class ImageError(RunnerError):
+    """The image holds something the runner refuses to use (e.g. an oversized /etc/passwd)."""

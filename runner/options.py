@@ -2,17 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.errors import UsageError
+from runner.users import parse_id
 
 DEFAULT_STATE_DIR = Path(os.environ.get("COLDSTART_RUN_DIR") or "/run/coldstart")
 DEFAULT_LAYERS_DIR = Path("/var/lib/coldstart/layers")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)([bkmgt]?)b?", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_HOSTNAME = re.compile(r"[A-Za-z0-9.-]{1,64}")  # RFC 1123 characters; the kernel takes 64 bytes
+# Below this the CFS quota (cpus x 100 ms period) would be under the kernel's minimum of 1 ms.
+MIN_CPUS = 0.01
 
 
 @dataclass(frozen=True)
@@ -68,8 +73,12 @@ class RunOptions:
             raise UsageError(f"--network must be 'host' or 'none', not {self.network!r}")
         if self.workdir is not None and not self.workdir.startswith("/"):
             raise UsageError(f"--workdir must be absolute: {self.workdir!r}")
-        if self.cpus is not None and self.cpus <= 0:
-            raise UsageError("--cpus must be positive")
+        if self.cpus is not None:
+            _check_cpus(self.cpus)
+        if self.user is not None:
+            _check_user(self.user)
+        if self.hostname is not None and _HOSTNAME.fullmatch(self.hostname) is None:
+            raise UsageError(f"--hostname must be 1 to 64 of A-Z a-z 0-9 . -, got {self.hostname!r}")
         if self.pids_limit is not None and self.pids_limit == 0:
             raise UsageError("--pids-limit must be positive (or -1 for unlimited)")
         if self.ready_regex is not None:
@@ -80,6 +89,18 @@ class RunOptions:
         for item in self.env:
             if not item or item.startswith("="):
                 raise UsageError(f"--env expects K=V or K, got {item!r}")
+
+
+def _check_cpus(cpus: float) -> None:
+    if not math.isfinite(cpus) or cpus < MIN_CPUS:
+        raise UsageError(f"--cpus must be a number of CPUs, at least {MIN_CPUS}, got {cpus}")
+
+
+def _check_user(spec: str) -> None:
+    """A numeric user or group must be ASCII digits in the id range (str.isdigit() also takes '²')."""
+    for part in spec.split(":", 1):
+        if part.isdigit() and parse_id(part) is None:
+            raise UsageError(f"--user: {part!r} is not a valid id (ASCII digits, 0 to 4294967294)")
 
 
 def parse_size(text: str) -> int:
@@ -104,7 +125,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--pids-limit", type=int, help="limit on the number of processes")
     add("--gpus", metavar="all|0,1|GPU-UUID|nvidia.com/gpu=NAME", help="give NVIDIA GPUs to the container")
     add("--keep", action="store_true", help="keep the writable layer after exit")
-    add("--ready-regex", metavar="REGEX", help="the run is ready at the first output line matching REGEX")
+    add("--ready-regex", metavar="REGEX", help="the run is ready at the first output line matching REGEX (tried on each line's first 4 KiB)")
     add("--timings", action="store_true", help="print phase timings to stderr")
     add("--timings-json", type=Path, metavar="FILE", help="write phase timings as JSON")
     add("-i", "--interactive", action="store_true", help="pass stdin through")

@@ -58,6 +58,7 @@ def run(options: RunOptions, provider: LowerProvider, *, stdout: Sink | None = N
     cleanup_stale(options.state_dir, provider.release, options.layers_dir)
     runtime, notices = select_runtime(options.runtime, options.state_dir)
     _check_mounts(options)
+    _check_timings_json(options)
     image = provider.resolve(options.image)
     timings.mark("image_resolved")
     gpu_plan = _plan_gpus(options, image, gpu_host) if options.gpus else None
@@ -84,11 +85,25 @@ def _check_mounts(options: RunOptions) -> None:
             raise UsageError(f"--mount: {m.host} does not exist")
 
 
+def _check_timings_json(options: RunOptions) -> None:
+    """Fail before the run, not after it, when the timings file cannot be written."""
+    path = options.timings_json
+    if path is None:
+        return
+    if path.is_dir():
+        raise UsageError(f"--timings-json: {path} is a directory")
+    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise UsageError(f"--timings-json: {path.parent} is not a writable directory")
+
+
 def _report(options: RunOptions, timings: Timings, err: Sink) -> None:
     if options.timings:
         err((timings.human() + "\n").encode())
     if options.timings_json is not None:
-        timings.write_json(options.timings_json)
+        try:
+            timings.write_json(options.timings_json)
+        except OSError as exc:  # the run itself succeeded: keep its exit code
+            err(f"coldstart: cannot write --timings-json {options.timings_json}: {exc.strerror or exc}\n".encode())
 
 
 class _Job:
@@ -101,7 +116,7 @@ class _Job:
         self.timings, self.out, self.err = timings, out, err
         self.gpu_plan, self.spec_hook = gpu_plan, spec_hook
         self.paths = ContainerPaths.create_for(new_container_id(), options.state_dir, options.layers_dir)
-        self.watcher = ReadyWatcher(options.ready_regex)
+        self.watcher = ReadyWatcher(options.ready_regex, warn=self._notice)
         self.notices: list[str] = []
         self.router = SignalRouter()
         self._exit_code: int | None = None
@@ -178,7 +193,9 @@ class _Job:
             except OSError:
                 pass
         for dest, text in files.items():
-            write_in_root(rootfs, dest, text)
+            problem = write_in_root(rootfs, dest, text)
+            if problem is not None:
+                self._notice(f"left the image's {dest} as it is: {problem}")
 
     def _launch(self, guard: Guard, record: OwnerRecord) -> int:
         out_r, out_w = os.pipe()
@@ -207,8 +224,19 @@ class _Job:
         if code != 0:
             raise ContainerStartError(f"{self.runtime.name} create failed: {message.strip()}", _start_exit_code(message))
         self.timings.mark("runc_create")
-        self._init_pid = int(self.paths.pid_file.read_text())
+        self._init_pid = self._read_init_pid()
         return self._init_pid
+
+    def _read_init_pid(self) -> int:
+        """The container's init, from the pid file that `runtime create` must have written."""
+        try:
+            text = self.paths.pid_file.read_text().strip()
+        except OSError as exc:
+            raise ContainerStartError(f"{self.runtime.name} create wrote no pid file ({exc.strerror}): "
+                                      f"is {self.runtime.path} an OCI runtime?") from None
+        if re.fullmatch(r"[0-9]{1,10}", text) is None:
+            raise ContainerStartError(f"{self.runtime.name} create wrote a bad pid file: {text[:40]!r}")
+        return int(text)
 
     def _create_once(self, guard: Guard, out_w: int, err_w: int, readers: tuple[int, int]) -> tuple[int, str]:
         stdin = 0 if self.options.interactive else subprocess.DEVNULL

@@ -1,6 +1,7 @@
 """Pure generation of the OCI runtime spec (config.json) from resolved inputs."""
 from __future__ import annotations
 
+import math
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -11,6 +12,8 @@ from runner.options import MountSpec
 from runner.users import ResolvedUser
 
 OCI_VERSION = "1.0.2"
+_CPU_PERIOD_US = 100_000
+_MIN_CPU_QUOTA_US = 1_000
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Docker's default capability set.
@@ -60,7 +63,7 @@ def compose_args(entrypoint: list[str] | None, cmd: list[str] | None,
                  entrypoint_override: str | None, command: list[str] | None) -> list[str]:
     """Docker's rules: args = Entrypoint + Cmd; a command given replaces Cmd; --entrypoint resets Cmd."""
     if entrypoint_override is not None:
-        entry = shlex.split(entrypoint_override)
+        entry = _split_entrypoint(entrypoint_override)
         rest = command or []
     else:
         entry = list(entrypoint or [])
@@ -69,6 +72,14 @@ def compose_args(entrypoint: list[str] | None, cmd: list[str] | None,
     if not args:
         raise UsageError("no command: the image has no Entrypoint or Cmd and none was given")
     return args
+
+
+def _split_entrypoint(text: str) -> list[str]:
+    """--entrypoint is split like a shell would (without expansions)."""
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise UsageError(f"--entrypoint {text!r}: {exc}") from None
 
 
 def merge_env(image_env: Sequence[str], overrides: Sequence[Mapping[str, str]],
@@ -167,7 +178,14 @@ def _resources(inputs: SpecInputs) -> dict[str, object]:
     if inputs.memory is not None:
         resources["memory"] = {"limit": inputs.memory}
     if inputs.cpus is not None:
-        resources["cpu"] = {"quota": int(inputs.cpus * 100_000), "period": 100_000}
+        resources["cpu"] = {"quota": _cpu_quota(inputs.cpus, _CPU_PERIOD_US), "period": _CPU_PERIOD_US}
     if inputs.pids_limit is not None:
         resources["pids"] = {"limit": inputs.pids_limit}
     return resources
+
+
+def _cpu_quota(cpus: float, period_us: int) -> int:
+    """CFS quota in µs for cpus CPUs: at least the kernel's 1 ms minimum, never 0 (no limit)."""
+    if not math.isfinite(cpus) or cpus <= 0:
+        raise UsageError(f"--cpus must be a positive number, got {cpus}")
+    return max(_MIN_CPU_QUOTA_US, round(cpus * period_us))

@@ -5,13 +5,19 @@ import errno
 import os
 import re
 import selectors
+import signal
+import threading
 import time
 from collections.abc import Callable
+from types import FrameType
 
 from runner.timings import Timings
 
 Sink = Callable[[bytes], None]
-_MAX_LINE = 64 * 1024
+# --ready-regex sees the first _MAX_LINE bytes of each line: a long line cannot make a search slow.
+_MAX_LINE = 4 * 1024
+# The most CPU time one search (over the lines of one read) may take; past it the watcher gives up.
+MATCH_BUDGET_S = 1.0
 _DRAIN_AFTER_EXIT_S = 2.0
 
 
@@ -30,35 +36,74 @@ def fd_sink(fd: int) -> Sink:
     return write
 
 
-class ReadyWatcher:
-    """Finds the first complete output line (on either stream) that matches a pattern."""
+class _MatchTimeout(Exception):
+    """A regex search ran past its budget (SIGVTALRM interrupted it)."""
 
-    def __init__(self, pattern: str | None) -> None:
+
+class ReadyWatcher:
+    """Finds the first output line (on either stream) that matches a pattern.
+
+    The pattern is tried on each line without its newline, cut to its first 4 KiB (_MAX_LINE),
+    decoded as UTF-8. Each search is bounded in time: a pattern that backtracks catastrophically is
+    interrupted after MATCH_BUDGET_S of CPU time by SIGVTALRM (re checks for signals while it
+    matches; signals that arrive meanwhile are handled too); the watcher then gives up, says so
+    through warn, and the run goes on without a ready mark. The bound needs the main thread and a
+    free ITIMER_VIRTUAL (SIGALRM is left to others); elsewhere only the line cut applies.
+    """
+
+    def __init__(self, pattern: str | None, warn: Callable[[str], None] | None = None) -> None:
         self._regex = re.compile(pattern) if pattern is not None else None
+        self._warn = warn
         self._partial: dict[int, bytes] = {}
         self.matched = self._regex is None
+        self.gave_up = False
 
     def feed(self, stream: int, data: bytes) -> bool:
         """True when this chunk completed the first matching line."""
-        if self.matched or self._regex is None:
+        if self.matched or self.gave_up:
             return False
-        buf = self._partial.get(stream, b"") + data
-        *lines, rest = buf.split(b"\n")
-        self._partial[stream] = rest[-_MAX_LINE:]
-        return self._scan(lines)
+        pieces = data.split(b"\n")
+        pieces[0] = self._partial.get(stream, b"") + pieces[0][:_MAX_LINE]
+        self._partial[stream] = pieces.pop()[:_MAX_LINE]
+        return self._scan([piece[:_MAX_LINE] for piece in pieces])
 
     def finish(self, stream: int) -> bool:
         """The stream ended: its last, unterminated line counts too."""
         rest = self._partial.pop(stream, b"")
-        return bool(rest) and not self.matched and self._scan([rest])
+        return bool(rest) and not self.matched and not self.gave_up and self._scan([rest])
 
     def _scan(self, lines: list[bytes]) -> bool:
         assert self._regex is not None
-        for line in lines:
-            if self._regex.search(line.decode("utf-8", "replace")):
-                self.matched = True
-                return True
-        return False
+        if not lines:
+            return False
+        texts = [line.decode("utf-8", "replace") for line in lines]
+        try:
+            self.matched = _search_any(self._regex, texts, MATCH_BUDGET_S)
+        except _MatchTimeout:
+            self.gave_up = True
+            if self._warn is not None:
+                self._warn(f"--ready-regex took over {MATCH_BUDGET_S:g} s to match the output: "
+                           "no longer watching for ready (the run goes on)")
+        return self.matched
+
+
+def _search_any(regex: re.Pattern[str], texts: list[str], budget_s: float) -> bool:
+    """Whether regex matches in any of texts; _MatchTimeout if that takes over budget_s of CPU."""
+    if threading.current_thread() is not threading.main_thread() or signal.getitimer(signal.ITIMER_VIRTUAL)[0]:
+        return any(regex.search(text) for text in texts)
+    old = signal.signal(signal.SIGVTALRM, _raise_timeout)
+    try:
+        signal.setitimer(signal.ITIMER_VIRTUAL, budget_s)
+        return any(regex.search(text) for text in texts)
+    finally:
+        try:
+            signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+        finally:
+            signal.signal(signal.SIGVTALRM, old)
+
+
+def _raise_timeout(signum: int, frame: FrameType | None) -> None:
+    raise _MatchTimeout()
 
 
 def relay(streams: dict[int, Sink], pidfd: int, on_exit: Callable[[], None], timings: Timings,

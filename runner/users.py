@@ -1,13 +1,22 @@
 """Resolve a user spec ("uid[:gid]" or names) against the image's /etc/passwd and /etc/group."""
 from __future__ import annotations
 
+import errno
+import io
 import os
+import re
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from runner.errors import UserNotFound
+from runner.errors import ImageError, UserNotFound
 
 _MAX_LINKS = 40
+_MAX_ID = 2**32 - 2  # (uid_t)-1 means "no change" to the kernel
+_ID = re.compile(r"[0-9]{1,10}")  # ASCII only: str.isdigit() also accepts '²', which int() refuses
+# Larger passwd/group files are refused rather than read (runc also refuses lines over 64 KiB).
+MAX_DB_BYTES = 4 << 20
 
 
 @dataclass
@@ -16,6 +25,14 @@ class ResolvedUser:
     gid: int
     additional_gids: tuple[int, ...] = ()
     home: str = "/"
+
+
+def parse_id(text: str) -> int | None:
+    """A uid or gid written in ASCII digits, within the kernel's range; None otherwise."""
+    if _ID.fullmatch(text) is None:
+        return None
+    value = int(text)
+    return value if value <= _MAX_ID else None
 
 
 def secure_join(root: Path, path: str) -> Path:
@@ -47,70 +64,113 @@ def secure_join(root: Path, path: str) -> Path:
     return root.joinpath(*resolved)
 
 
-def _read_db(rootfs: Path, name: str) -> list[list[str]]:
+class _NotRegular(OSError):
+    """The path exists but is a FIFO, socket, device or directory."""
+
+
+def _open_regular(path: Path, flags: int) -> int:
+    """Open path (already resolved: no symlink is followed) without blocking on a FIFO or device;
+    OSError unless it is a regular file."""
     try:
-        text = secure_join(rootfs, f"/etc/{name}").read_text(errors="replace")
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a FIFO without a reader (or a socket), opened for writing
+            raise _NotRegular(errno.ENXIO, _not_regular(os.lstat(path).st_mode)) from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _NotRegular(errno.EINVAL, _not_regular(mode))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _not_regular(mode: int) -> str:
+    kinds = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory",
+             stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
+    return f"{kinds.get(stat.S_IFMT(mode), 'special')}, not a regular file"
+
+
+def _read_db(rootfs: Path, name: str) -> bytes:
+    """The image's /etc/<name> (empty when missing). ImageError when it is too large, or is not a
+    regular file: runc reads it too while it creates the container, and would block on a FIFO."""
+    try:
+        fd = _open_regular(secure_join(rootfs, f"/etc/{name}"), os.O_RDONLY)
+    except _NotRegular as exc:
+        raise ImageError(f"the image's /etc/{name} is {exc.strerror}: refusing to use it") from None
     except OSError:
-        return []
-    rows = []
-    for line in text.splitlines():
+        return b""
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_DB_BYTES + 1)
+    if len(data) > MAX_DB_BYTES:
+        raise ImageError(f"the image's /etc/{name} is larger than {MAX_DB_BYTES >> 20} MiB: refusing to read it")
+    return data
+
+
+def _rows(data: bytes) -> Iterator[list[str]]:
+    """The entries of a passwd/group file, one line at a time."""
+    for raw in io.BytesIO(data):
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
         if line and not line.startswith("#"):
-            rows.append(line.split(":"))
-    return rows
+            yield line.split(":")
 
 
-def _find(rows: list[list[str]], key: str, width: int) -> list[str] | None:
-    for row in rows:
-        if len(row) >= width and (row[0] == key or row[2] == key):
+def _find(data: bytes, key: str, width: int, id_fields: tuple[int, ...]) -> list[str] | None:
+    """The first well-formed entry whose name or id is key (entries with unusable ids are skipped)."""
+    for row in _rows(data):
+        if len(row) < width or any(parse_id(row[i]) is None for i in id_fields):
+            continue
+        if row[0] == key or row[2] == key:
             return row
     return None
 
 
-def _group_id(groups: list[list[str]], spec: str) -> int:
-    row = _find(groups, spec, 3)
-    if row is not None and row[2].isdigit():
-        return int(row[2])
-    if spec.isdigit():
-        return int(spec)
-    raise UserNotFound(f"unable to find group {spec}: no matching entries in the image's /etc/group")
+def _group_id(groups: bytes, spec: str) -> int:
+    row = _find(groups, spec, 3, (2,))
+    gid = int(row[2]) if row is not None else parse_id(spec)
+    if gid is None:
+        raise UserNotFound(f"unable to find group {spec}: no matching entries in the image's /etc/group")
+    return gid
 
 
-def _supplementary(groups: list[list[str]], user: str, primary: int) -> tuple[int, ...]:
-    gids = []
-    for row in groups:
-        if len(row) >= 4 and row[2].isdigit() and user in row[3].split(","):
-            gid = int(row[2])
-            if gid != primary and gid not in gids:
-                gids.append(gid)
+def _supplementary(groups: bytes, user: str, primary: int) -> tuple[int, ...]:
+    gids: list[int] = []
+    for row in _rows(groups):
+        gid = parse_id(row[2]) if len(row) >= 4 else None
+        if gid is not None and gid != primary and gid not in gids and user in row[3].split(","):
+            gids.append(gid)
     return tuple(gids)
 
 
 def resolve_user(rootfs: Path, spec: str) -> ResolvedUser:
     """Docker's rules: '' is root; a name must exist in passwd; a number need not."""
     user_part, _, group_part = (spec or "0").partition(":")
-    passwd = _read_db(rootfs, "passwd")
-    row = _find(passwd, user_part, 7)
-    if row is not None and row[2].isdigit() and row[3].isdigit():
+    row = _find(_read_db(rootfs, "passwd"), user_part, 7, (2, 3))
+    number = parse_id(user_part)
+    if row is not None:
         uid, gid, home, name = int(row[2]), int(row[3]), row[5] or "/", row[0]
-    elif user_part.isdigit():
-        uid, gid, home, name = int(user_part), 0, "/", ""
+    elif number is not None:
+        uid, gid, home, name = number, 0, "/", ""
     else:
         raise UserNotFound(f"unable to find user {user_part}: no matching entries in the image's /etc/passwd")
     groups = _read_db(rootfs, "group")
     if group_part:
-        gid = _group_id(groups, group_part)
-        return ResolvedUser(uid, gid, (), home)
+        return ResolvedUser(uid, _group_id(groups, group_part), (), home)
     return ResolvedUser(uid, gid, _supplementary(groups, name, gid) if name else (), home)
 
 
-def write_in_root(root: Path, path: str, text: str) -> bool:
-    """Write a file at path inside root without following a symlink out of it; False if impossible."""
+def write_in_root(root: Path, path: str, text: str) -> str | None:
+    """Write a regular file at path inside root without following a symlink out of it and without
+    blocking on a FIFO; None when written, else why not (the file is then left as it is)."""
     try:
         target = secure_join(root, path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    except OSError:
-        return False
+        fd = _open_regular(target, os.O_WRONLY | os.O_CREAT)
+    except OSError as exc:
+        return exc.strerror or str(exc)
     with os.fdopen(fd, "w") as f:
+        f.truncate()
         f.write(text)
-    return True
+    return None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -11,11 +12,12 @@ import runner
 from runner.edits import BindMount, DeviceNode, SpecEdits
 from runner.imagefs_lower import image_of_key, mount_key
 from runner.shared_mount import key_dir_name
-from runner.errors import UsageError, UserNotFound
+from runner.errors import ImageError, UsageError, UserNotFound
 from runner.options import MountSpec, RunOptions, add_run_arguments, options_from_args, parse_size
 from runner.spec import DEFAULT_CAPS, SpecInputs, build_spec, compose_args, merge_env
+from runner.stream import MATCH_BUDGET_S, ReadyWatcher
 from runner.timings import PHASES, Timings
-from runner.users import ResolvedUser, resolve_user, secure_join
+from runner.users import MAX_DB_BYTES, ResolvedUser, parse_id, resolve_user, secure_join, write_in_root
 from tests.fixtures.runner import GROUP, PASSWD
 
 
@@ -43,6 +45,11 @@ def test_compose_args_follows_docker(entry: list[str] | None, cmd: list[str] | N
 def test_compose_args_without_any_command_fails() -> None:
     with pytest.raises(UsageError, match="no command"):
         compose_args(None, None, None, None)
+
+
+def test_compose_args_rejects_an_unbalanced_entrypoint() -> None:
+    with pytest.raises(UsageError, match="--entrypoint.*closing quotation"):
+        compose_args(None, ["sh"], '"abc', None)
 
 
 def test_merge_env_orders_image_edits_cli_then_defaults() -> None:
@@ -107,6 +114,57 @@ def test_passwd_symlink_to_host_is_not_followed_out(tmp_path: Path) -> None:
         resolve_user(tmp_path, "root")
 
 
+@pytest.mark.parametrize(("text", "value"), [("0", 0), ("1000", 1000), ("4294967294", 4294967294),
+                                            ("4294967295", None), ("\u00b2", None), ("\u0663", None),
+                                            ("-1", None), ("", None), ("1" * 5000, None)])
+def test_parse_id_takes_ascii_digits_in_range(text: str, value: int | None) -> None:
+    assert parse_id(text) == value
+
+
+def test_image_entries_with_non_ascii_ids_are_skipped(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "passwd").write_text("root:x:\u00b2:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n")
+    (tmp_path / "etc" / "group").write_text("evil:x:\u00b9:app\nstaff:x:50:app\n")
+    assert resolve_user(tmp_path, "app") == ResolvedUser(1000, 1000, (50,), "/home/app")
+    for spec in ("root", "\u00b2", "\u0663", "app:evil", "app:\u00b9"):
+        with pytest.raises(UserNotFound):
+            resolve_user(tmp_path, spec)
+
+
+@pytest.mark.parametrize("name", ["passwd", "group"])
+def test_passwd_or_group_that_is_a_fifo_is_refused_without_blocking(etc_root: Path, name: str) -> None:
+    (etc_root / "etc" / name).unlink()
+    os.mkfifo(etc_root / "etc" / name)
+    with pytest.raises(ImageError, match=f"/etc/{name} is a FIFO, not a regular file"):
+        resolve_user(etc_root, "app")
+
+
+def test_huge_passwd_is_refused_without_reading_it(etc_root: Path) -> None:
+    with open(etc_root / "etc" / "passwd", "ab") as f:
+        f.truncate(512 << 20)  # sparse: no disk used
+    with pytest.raises(ImageError, match="larger than 4 MiB"):
+        resolve_user(etc_root, "0")
+
+
+def test_passwd_up_to_the_cap_is_read(etc_root: Path) -> None:
+    filler = "#" * 99 + "\n"
+    text = filler * ((MAX_DB_BYTES - 200) // len(filler)) + "late:x:7:8::/l:/bin/sh\n"
+    (etc_root / "etc" / "passwd").write_text(text)
+    assert resolve_user(etc_root, "late") == ResolvedUser(7, 8, (), "/l")
+
+
+def test_write_in_root_writes_regular_files_and_skips_a_fifo(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "hosts").write_text("old and longer\n")
+    assert write_in_root(tmp_path, "/etc/hosts", "new\n") is None
+    assert (tmp_path / "etc" / "hosts").read_text() == "new\n"
+    assert write_in_root(tmp_path, "/etc/hostname", "h\n") is None
+    os.mkfifo(tmp_path / "etc" / "fifo")
+    assert write_in_root(tmp_path, "/etc/fifo", "x\n") == "a FIFO, not a regular file"
+    (tmp_path / "etc" / "dir").mkdir()
+    assert write_in_root(tmp_path, "/etc/dir", "x\n") is not None
+
+
 # -- options ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("text", "size"), [("512m", 512 << 20), ("1g", 1 << 30), ("100", 100),
@@ -158,10 +216,27 @@ def test_command_without_separator_and_no_command() -> None:
 
 
 @pytest.mark.parametrize("kw", [{"network": "bridge"}, {"workdir": "rel"}, {"cpus": 0.0},
-                                {"ready_regex": "("}, {"env": ["=x"]}, {"pids_limit": 0}])
+                                {"ready_regex": "("}, {"env": ["=x"]}, {"pids_limit": 0},
+                                {"cpus": float("nan")}, {"cpus": float("inf")}, {"cpus": 1e-9},
+                                {"user": "\u00b2"}, {"user": "app:\u00b2"}, {"user": "99999999999"},
+                                {"hostname": "a\n127.0.0.1 evil"}, {"hostname": "a" * 65}, {"hostname": ""},
+                                {"hostname": "under_score"}])
 def test_invalid_options(kw: dict[str, object]) -> None:
     with pytest.raises(UsageError):
         RunOptions(image="x", **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("argv", [["--cpus", "nan"], ["--cpus", "inf"], ["--cpus", "1e-9"], ["-u", "\u00b2"],
+                                  ["--hostname", "x" * 100]])
+def test_invalid_arguments_are_usage_errors(argv: list[str]) -> None:
+    with pytest.raises(UsageError):
+        _parse(*argv, "img:1")
+
+
+def test_valid_edge_options() -> None:
+    opts = RunOptions(image="x", cpus=0.01, user="app:staff", hostname="a" * 64)
+    assert opts.cpus == 0.01 and opts.user == "app:staff"
+    assert RunOptions(image="x", hostname="web-1.example.org").hostname == "web-1.example.org"
 
 
 # -- spec ------------------------------------------------------------------------------------------
@@ -224,6 +299,54 @@ def test_spec_resources() -> None:
     assert set(bare) == {"devices"}
 
 
+@pytest.mark.parametrize(("cpus", "quota"), [(0.1, 10000), (1.5, 150000), (0.01, 1000), (1e-9, 1000)])
+def test_spec_cpu_quota_is_never_zero(cpus: float, quota: int) -> None:
+    res = build_spec(_inputs(cpus=cpus))["linux"]["resources"]  # type: ignore[index]
+    assert res["cpu"] == {"quota": quota, "period": 100000}
+
+
+@pytest.mark.parametrize("cpus", [float("nan"), float("inf"), -1.0])
+def test_spec_rejects_unusable_cpus(cpus: float) -> None:
+    with pytest.raises(UsageError):
+        build_spec(_inputs(cpus=cpus))
+
+
+# -- ready regex -----------------------------------------------------------------------------------
+
+def test_ready_watcher_matches_a_line_split_across_chunks() -> None:
+    w = ReadyWatcher(r"^READY on \d+$")
+    assert not w.feed(1, b"noise\nREA")
+    assert not w.feed(2, b"DY on 1\n")  # another stream's output does not continue this line
+    assert w.feed(1, b"DY on 80\nmore\n") and w.matched
+
+
+def test_ready_watcher_tries_only_the_first_4k_of_a_line() -> None:
+    w = ReadyWatcher("READY")
+    assert not w.feed(1, b"x" * 5000 + b"READY\n")
+    assert not w.feed(1, b"y" * 3000)
+    assert not w.feed(1, b"y" * 3000 + b"READY\n")
+    assert w.feed(1, b"z" * 4000 + b"READY\n")
+
+
+def test_ready_watcher_is_fast_on_a_long_line() -> None:
+    w = ReadyWatcher(".*ready")
+    started = time.monotonic()
+    for _ in range(2):
+        w.feed(1, b"a" * 65536)
+    assert w.feed(1, b"\nthe server is ready\n")
+    assert time.monotonic() - started < 1.0
+
+
+def test_ready_watcher_gives_up_on_catastrophic_backtracking() -> None:
+    warnings: list[str] = []
+    w = ReadyWatcher("(a+)+$", warn=warnings.append)
+    started = time.monotonic()
+    assert not w.feed(1, b"a" * 40 + b"!\n")
+    assert time.monotonic() - started < MATCH_BUDGET_S + 1.0
+    assert w.gave_up and not w.matched and len(warnings) == 1 and "--ready-regex" in warnings[0]
+    assert not w.feed(1, b"aaaa\n") and not w.finish(1)  # no more searching once given up
+
+
 def test_spec_applies_device_edits() -> None:
     edits = SpecEdits(devices=[DeviceNode("/dev/nvidia3", "c", 195, 3)],
                       mounts=[BindMount("/host/lib/libcuda.so.1", "/usr/lib/libcuda.so.1")],
@@ -283,3 +406,18 @@ def test_mount_key_names_the_store_and_the_cache(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("COLDSTART_STORE", "file:///s1")
     monkeypatch.setenv("COLDSTART_CACHE", str(tmp_path / "c"))
     assert mount_key(image, None, None) == a  # the defaults, resolved
+
+
+def test_signals_are_handled_while_a_ready_regex_search_runs() -> None:
+    import signal
+    import subprocess
+    handled: list[float] = []
+    old = signal.signal(signal.SIGUSR1, lambda *_: handled.append(time.monotonic()))
+    try:
+        killer = subprocess.Popen(["sh", "-c", f"sleep 0.2; kill -USR1 {os.getpid()}"])
+        started = time.monotonic()
+        ReadyWatcher("(a+)+$").feed(1, b"a" * 40 + b"!\n")
+        killer.wait()
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    assert handled and handled[0] - started < MATCH_BUDGET_S  # during the search, not after it
