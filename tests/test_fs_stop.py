@@ -75,10 +75,10 @@ def test_sigterm_with_a_read_stuck_in_the_store_unmounts_at_once(
         assert wait_for(lambda: not mounts.is_mounted(str(mp))) < 2.0
         assert os.listdir(mp) == []  # the directory below, at once
         assert reader.wait(timeout=2.0) != 0  # its read failed instead of waiting on
-        # the store thread never returns: the daemon leaves it behind (drain_timeout + 1 s)
+        # the store thread never returns: the daemon abandons it (the fetcher's load is cancelled
+        # without waiting for it), or at the latest its exit timer leaves it behind (drain_timeout + 1 s)
         assert wait_for(lambda: not mounts.daemon_alive(info.pid)) < 5.0
         assert not os.path.exists(info.state_path) and not os.path.exists(info.socket_path)
-        assert "exiting without waiting" in Path(info.log_path).read_text()
     finally:
         if reader.poll() is None:  # a read the daemon took holds the reader until the session ends
             mounts.abort_connection(str(mp))
