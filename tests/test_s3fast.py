@@ -330,18 +330,26 @@ def test_host_header_and_default_ports() -> None:
 READER = """
 import json, sys
 from imagefs.store.factory import open_store
+from imagefs.store.s3 import LEAN_PUT_MAX
 store = open_store(sys.argv[1])
-store.put("probe", b"written") if sys.argv[2] == "write" else None
+if sys.argv[2] == "big":
+    store.put("big", bytes(LEAN_PUT_MAX + 1))
+if sys.argv[2] == "small":
+    store.put("probe", b"written")
+    store.delete("gone")  # not there: no error
 out = [store.get("probe").decode(), store.exists("probe"), store.get_range("probe", 1, 3).decode()]
 print(json.dumps([out, sorted(m for m in ("boto3", "botocore") if m in sys.modules)]))
 """
 
 
-def test_readers_never_import_boto3(s3_server: SeaweedServer) -> None:
+def test_readers_and_small_writes_never_import_boto3(s3_server: SeaweedServer) -> None:
+    """Reads, small documents (a mount's lease) and deletes go over the lean client; a big body
+    (a chunk, an index) over boto3."""
     url = s3_server.url_for(s3_server.new_bucket_name(), "lean")
     runs = [subprocess.run([sys.executable, "-c", READER, url, mode], capture_output=True, text=True,
-                           timeout=60) for mode in ("write", "read")]
+                           timeout=60) for mode in ("small", "read", "big")]
     for res in runs:
         assert res.returncode == 0, res.stderr
-    assert json.loads(runs[0].stdout) == [["written", True, "rit"], ["boto3", "botocore"]]
+    assert json.loads(runs[0].stdout) == [["written", True, "rit"], []]
     assert json.loads(runs[1].stdout) == [["written", True, "rit"], []]
+    assert json.loads(runs[2].stdout) == [["written", True, "rit"], ["boto3", "botocore"]]

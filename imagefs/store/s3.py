@@ -41,6 +41,10 @@ from imagefs.store.sigv4 import LazyCredentials, Signer, resolve_region
 
 _NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404", "NoSuchBucket"})
 _BUCKET_EXISTS = frozenset({"BucketAlreadyOwnedByYou", "BucketAlreadyExists"})
+# Small documents (leases, tags, build-cache entries) are PUT over the lean client: a process
+# that only reads the store otherwise (a mount's daemon, writing its lease) never loads boto3.
+# Chunks and indexes keep boto3's PUT (its retries and no whole-call deadline suit big bodies).
+LEAN_PUT_MAX = 64 << 10
 
 
 @functools.cache
@@ -156,8 +160,9 @@ class S3Store(BlobStore):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     # -- reads: the lean path ------------------------------------------------------------------
-    def _read(self, method: str, key: str, what: str, headers: dict[str, str] | None = None) -> Response:
-        return self._http.request(method, f"/{self.bucket}/{self._full(key)}", what, headers)
+    def _read(self, method: str, key: str, what: str, headers: dict[str, str] | None = None,
+              body: bytes | None = None) -> Response:
+        return self._http.request(method, f"/{self.bucket}/{self._full(key)}", what, headers, body)
 
     def get(self, key: str) -> bytes:
         resp = self._read("GET", key, f"get {key}")
@@ -227,6 +232,8 @@ class S3Store(BlobStore):
             raise
 
     def put(self, key: str, data: bytes) -> None:
+        if len(data) <= LEAN_PUT_MAX and self._lean_put(key, bytes(data)):
+            return
         full = self._full(key)
         with self._mapped(f"put {key}"):
             if not self._bucket_ready:
@@ -238,6 +245,16 @@ class S3Store(BlobStore):
                     raise
                 self._create_bucket()  # deleted behind our back: make it again, once
                 self._client.put_object(Bucket=self.bucket, Key=full, Body=bytes(data))
+
+    def _lean_put(self, key: str, data: bytes) -> bool:
+        """PUT over the lean client (no boto3: a mount's lease costs its daemon no import of it);
+        False where the bucket is missing, which the boto3 path then creates."""
+        resp = self._read("PUT", key, f"put {key}", body=data)
+        if resp.status == 200:
+            return True
+        if resp.status == 404:
+            return False
+        raise response_error(f"put {key}", resp)
 
     def _ensure_bucket(self) -> None:
         """Create the bucket if HEAD says it is missing; any other answer leaves it to put."""
@@ -264,13 +281,9 @@ class S3Store(BlobStore):
                 raise
 
     def delete(self, key: str) -> None:
-        full = self._full(key)
-        with self._mapped(f"delete {key}"):
-            try:
-                self._client.delete_object(Bucket=self.bucket, Key=full)
-            except _boto().ClientError as e:
-                if not _is_not_found(e):
-                    raise
+        resp = self._read("DELETE", key, f"delete {key}")
+        if resp.status not in (200, 204, 404):  # deleting what is not there is no error
+            raise response_error(f"delete {key}", resp)
 
     def list(self, prefix: str = "") -> Iterator[BlobInfo]:
         validate_prefix(prefix)

@@ -15,6 +15,7 @@ sends slowly (a byte within every read timeout) cannot hold a request, nor a cal
 """
 from __future__ import annotations
 
+import hashlib
 import http.client
 import io
 import math
@@ -30,7 +31,7 @@ from urllib.parse import urlparse
 
 from imagefs.errors import StoreError, TemporaryStoreError
 from imagefs.store.retry import call_deadline
-from imagefs.store.sigv4 import Credentials, Signer, uri_encode
+from imagefs.store.sigv4 import EMPTY_SHA256, Credentials, Signer, uri_encode
 
 TEMPORARY_CODES = frozenset({
     "SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequests",
@@ -217,13 +218,19 @@ class S3Http:
         self.pool = ConnectionPool(endpoint, max_idle=max_idle, connect_timeout=connect_timeout,
                                    read_timeout=read_timeout)
 
-    def request(self, method: str, path: str, what: str, headers: dict[str, str] | None = None) -> Response:
-        """Send method for path (unencoded, e.g. /bucket/key); transport failures are temporary."""
+    def request(self, method: str, path: str, what: str, headers: dict[str, str] | None = None,
+                body: bytes | None = None) -> Response:
+        """Send method for path (unencoded, e.g. /bucket/key), with body if given (a small PUT);
+        transport failures are temporary."""
         encoded = uri_encode(self.pool.base_path + path, keep_slash=True)
-        signed = self.signer.sign(self.credentials(), method, self.pool.host_header, encoded)
+        payload = EMPTY_SHA256 if body is None else hashlib.sha256(body).hexdigest()
+        signed = self.signer.sign(self.credentials(), method, self.pool.host_header, encoded,
+                                  payload_hash=payload)
         send = {**signed, **(headers or {})}
+        if body is not None:
+            send["content-length"] = str(len(body))
         try:
-            return self._exchange(method, encoded, send, self._deadline())
+            return self._exchange(method, encoded, send, self._deadline(), body)
         except (OSError, http.client.HTTPException) as e:
             raise TemporaryStoreError(f"s3 {what}: {self.endpoint}{encoded}: {one_line(e)}") from None
 
@@ -232,23 +239,24 @@ class S3Http:
         outer = call_deadline()
         return time.monotonic() + self.request_timeout if outer is None else outer
 
-    def _exchange(self, method: str, path: str, headers: dict[str, str], deadline: float) -> Response:
+    def _exchange(self, method: str, path: str, headers: dict[str, str], deadline: float,
+                  body: bytes | None = None) -> Response:
         conn, reused = self.pool.take(deadline)
         try:
-            return self._once(conn, method, path, headers, deadline)
+            return self._once(conn, method, path, headers, deadline, body)
         except _STALE:
             if not reused:
                 raise
         # The server closed an idle connection: others may be stale too, so retry on a new one.
-        return self._once(self.pool.connect(deadline), method, path, headers, deadline)
+        return self._once(self.pool.connect(deadline), method, path, headers, deadline, body)
 
     def _once(self, conn: _Timed, method: str, path: str, headers: dict[str, str],
-              deadline: float) -> Response:
+              deadline: float, body: bytes | None = None) -> Response:
         """One request and its whole answer, by deadline; the connection goes back to the pool only
         after that (one past its deadline is closed: it may still be carrying the answer)."""
         conn.deadline = deadline
         try:
-            conn.request(method, path, headers=headers)
+            conn.request(method, path, body=body, headers=headers)
             resp = conn.getresponse()
             body = resp.read()
         except BaseException:

@@ -203,12 +203,13 @@ class Signer:
         return f"{ALGORITHM} Credential={creds.access_key}/{scope}, SignedHeaders={signed}, Signature={signature}"
 
     def sign(self, creds: Credentials, method: str, host: str, path: str, query: str = "",
-             now: float | None = None) -> dict[str, str]:
-        """The headers that authenticate an S3 request without a body (GET, HEAD)."""
-        headers = {"host": host, "x-amz-content-sha256": EMPTY_SHA256,
+             now: float | None = None, payload_hash: str = EMPTY_SHA256) -> dict[str, str]:
+        """The headers that authenticate an S3 request whose body has payload_hash (the SHA-256
+        hex digest; by default that of no body: GET, HEAD, DELETE)."""
+        headers = {"host": host, "x-amz-content-sha256": payload_hash,
                    "x-amz-date": amz_date(time.time() if now is None else now)}
         if creds.token:
             headers["x-amz-security-token"] = creds.token
-        headers["authorization"] = self.authorization(creds, method, path, query, headers, EMPTY_SHA256,
+        headers["authorization"] = self.authorization(creds, method, path, query, headers, payload_hash,
                                                       headers["x-amz-date"])
         return headers
