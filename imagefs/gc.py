@@ -1,193 +1,36 @@
-"""Garbage collection, leases that keep gc, imports and mounts apart, and the store consistency check.
+"""Garbage collection, and the store consistency check (fsck).
 
-Imports hold a shared lease (leases/import-*) while they write; gc holds an exclusive one
-(leases/gc-*). gc defers while any live import lease exists, and an import waits while a live gc
-lease exists, so gc never deletes a chunk that a running import has just found "already stored".
-A mount holds a lease naming its image (leases/mount-*, see MountLease) for as long as its daemon
-runs: gc keeps that image as if it were tagged, so a container of an image whose tag moved on
-(a re-import, `coldstart rm`) keeps reading it.
-Belt and braces: nothing younger than the grace period is ever deleted.
-
-A lease is live while its holder refreshes it: one taken on this host is live exactly while its
-process (the same pid, started at the same time) exists, whatever the clocks say (a stopped
-process still holds it); one from another host while the store's own time stamp of it is younger
-than LEASE_TIMEOUT, measured against the time stamp the store gave the caller's lease just
-written, so hosts' clocks are never compared. gc removes stale leases.
+gc keeps every image a tag, a build-cache entry or a live mount lease names, the profiles tags
+name, and what those reach; it deletes the rest that is older than the grace period. Leases
+(imagefs.leases) keep it and imports apart: gc defers while any live import lease exists, and an
+import waits while a live gc lease exists, so gc never deletes a chunk that a running import has
+just found "already stored". gc removes stale leases.
 """
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
-import secrets
-import socket
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from imagefs import chunks as blobs
-from imagefs.errors import BlobNotFound, CorruptBlob, ImageFSError, ImageNotFound, StoreError
-from imagefs.images import Ref, load_index, read_tag
+from imagefs.errors import BlobNotFound, CorruptBlob, ImageFSError, StoreError
+from imagefs.images import list_tags, load_index
+from imagefs.leases import LEASE_TIMEOUT, lease, lease_live, leases, live_leases
 from imagefs.profile import ProfileNotFound
 from imagefs.profile import load as profile_load
 from imagefs.store.base import BlobInfo, BlobStore
 
-log = logging.getLogger(__name__)
-
-LEASE_TIMEOUT = 120.0
-HEARTBEAT = 30.0
+__all__ = ["GcDeferred", "GcReport", "FsckReport", "gc", "fsck", "import_lease", "lease", "live_leases",
+           "LEASE_TIMEOUT"]
 
 
 class GcDeferred(ImageFSError):
     """gc found a running import (or an import found a running gc) and stood back."""
 
     exit_code = 5
-
-
-# -- leases -------------------------------------------------------------------------------------
-def _process_start(pid: int) -> str:
-    """When process pid started (clock ticks since boot, /proc/PID/stat field 22); "" if unknown.
-    Tells a lease holder from a later process that was given the same pid."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return ""
-    return stat[stat.rfind(b")") + 2:].split()[19].decode()
-
-
-def _lease_doc(kind: str, **extra: Any) -> dict[str, Any]:
-    now, pid = time.time(), os.getpid()
-    return {"kind": kind, "host": socket.gethostname(), "pid": pid, "pid_start": _process_start(pid),
-            "started": now, "heartbeat": now, **extra}
-
-
-def _holder_alive(doc: dict[str, Any]) -> bool:
-    """Whether the process that took a lease on this host still runs (not a pid reused since)."""
-    pid = int(doc.get("pid", 0))
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    started = doc.get("pid_start")
-    return not started or _process_start(pid) in ("", started)
-
-
-def _lease_live(doc: dict[str, Any], stamped: float, now: float) -> bool:
-    """doc: the lease; stamped: the store's time stamp of it; now: the store's time now."""
-    if doc.get("host") == socket.gethostname():
-        return _holder_alive(doc)
-    return now - stamped <= LEASE_TIMEOUT
-
-
-def _leases(store: BlobStore, own_key: str | None) -> tuple[list[tuple[BlobInfo, dict[str, Any]]], float]:
-    """Every readable lease with its listing entry, and the store's time now: the stamp it gave
-    own_key (the caller's lease, just written), else this host's clock."""
-    found, now = [], None
-    for info in store.list("leases/"):
-        if info.key == own_key:
-            now = info.mtime
-        try:
-            doc = json.loads(store.get(info.key))
-        except (BlobNotFound, ValueError):
-            continue
-        if isinstance(doc, dict):
-            found.append((info, doc))
-    return found, time.time() if now is None else now
-
-
-def live_leases(store: BlobStore, kind: str, own_key: str | None = None) -> list[dict[str, Any]]:
-    """The live leases of kind other than own_key (see the module's notes on liveness)."""
-    found, now = _leases(store, own_key)
-    return [doc for info, doc in found
-            if info.key.startswith(f"leases/{kind}-") and info.key != own_key and _lease_live(doc, info.mtime, now)]
-
-
-def _lease_key(kind: str) -> str:
-    return f"leases/{kind}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-class _Heartbeat:
-    """Rewrites a lease every HEARTBEAT seconds in a thread of its own, until stopped."""
-
-    def __init__(self, store: BlobStore, key: str, doc: dict[str, Any]) -> None:
-        self.store, self.key, self.doc = store, key, doc
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-heartbeat-{doc['kind']}", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(HEARTBEAT):
-            self.doc["heartbeat"] = time.time()
-            try:
-                self.store.put(self.key, json.dumps(self.doc).encode())
-            except StoreError:
-                pass
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-
-@contextmanager
-def lease(store: BlobStore, kind: str, **extra: Any) -> Iterator[str]:
-    """Hold a lease of kind 'import' or 'gc', refreshed by a heartbeat thread, removed at exit."""
-    key, doc = _lease_key(kind), _lease_doc(kind, **extra)
-    store.put(key, json.dumps(doc).encode())
-    beat = _Heartbeat(store, key, doc)
-    beat.start()
-    try:
-        yield key
-    finally:
-        beat.stop()
-        store.delete(key)
-
-
-class MountLease:
-    """A mount's lease on its image, taken and dropped off the caller's thread (a mount must not
-    wait for the store to write it); a store that refuses the write (read-only credentials) is
-    logged once and the mount goes on without one (gc then does not know the image is in use)."""
-
-    def __init__(self, store: BlobStore, image_id: str) -> None:
-        self.store, self.key = store, _lease_key("mount")
-        self.doc = _lease_doc("mount", image=image_id)
-        self._beat = _Heartbeat(store, self.key, self.doc)
-        self._taken = threading.Event()
-        self._released = threading.Event()
-
-    def start(self, delay: float = 0.0) -> None:
-        """Write the lease delay seconds from now (unless released by then), then keep it fresh."""
-        threading.Thread(target=self._take, args=(delay,), name="mount-lease", daemon=True).start()
-
-    def _take(self, delay: float) -> None:
-        if self._released.wait(delay):
-            return
-        try:
-            self.store.put(self.key, json.dumps(self.doc).encode())
-        except ImageFSError as e:
-            log.warning("cannot write a lease on image %s (gc will not see it in use): %s", self.doc["image"], e)
-            return
-        self._taken.set()
-        self._beat.start()
-
-    def release(self) -> None:
-        self._released.set()
-        self._beat.stop()
-        if self._taken.is_set():
-            try:
-                self.store.delete(self.key)
-            except ImageFSError as e:
-                log.warning("cannot remove the lease %s: %s", self.key, e)
 
 
 @contextmanager
@@ -208,14 +51,11 @@ def import_lease(store: BlobStore, wait: float = 600.0) -> Iterator[str]:
 def _root_docs(store: BlobStore) -> Iterator[dict[str, Any]]:
     """Every tag and build-cache entry. A tag that cannot be read stops gc (the image it named
     would otherwise look unreferenced); a malformed build-cache entry is only a cache miss."""
-    for info in store.list("tags/"):
-        ref = _tag_ref(info.key)
-        try:
-            yield read_tag(store, ref)
-        except ImageNotFound:  # removed since it was listed
-            continue
-        except ImageFSError as e:
-            raise StoreError(f"gc stopped: {e} (fix it or `coldstart rm {ref}`)") from None
+    corrupt: list[str] = []
+    for _ref, doc in list_tags(store, corrupt):
+        yield doc
+    if corrupt:
+        raise StoreError(f"gc stopped: {corrupt[0]} (fix it or `coldstart rm` it)")
     for info in store.list("buildcache/"):
         try:
             doc = json.loads(store.get(info.key))
@@ -223,11 +63,6 @@ def _root_docs(store: BlobStore) -> Iterator[dict[str, Any]]:
             continue
         if isinstance(doc, dict):
             yield doc
-
-
-def _tag_ref(key: str) -> Ref:
-    name, _, tag = key[len("tags/"):].rpartition("/")
-    return Ref(name, tag)
 
 
 def _chunks_of(store: BlobStore, image_id: str) -> set[str]:
@@ -266,9 +101,9 @@ def gc(store: BlobStore, *, grace: float = 900.0, dry_run: bool = False) -> GcRe
 
 def _remove_stale_leases(store: BlobStore, own_key: str) -> None:
     """Leases whose holders died without removing them (a kill -9)."""
-    found, now = _leases(store, own_key)
+    found, now = leases(store, own_key)
     for info, doc in found:
-        if info.key != own_key and not _lease_live(doc, info.mtime, now):
+        if info.key != own_key and not lease_live(doc, info.mtime, now):
             store.delete(info.key)
 
 
@@ -384,15 +219,7 @@ def fsck(store: BlobStore, *, verify_chunks: bool = False) -> FsckReport:
     rep.chunks, rep.indexes = len(stored), len(indexes)
     tagged = set()
     profiles = sorted(i.key[len("profiles/"):] for i in store.list("profiles/"))
-    for info in store.list("tags/"):
-        ref = _tag_ref(info.key)
-        try:
-            doc = read_tag(store, ref)
-        except ImageNotFound:  # removed since it was listed
-            continue
-        except ImageFSError as e:
-            rep.errors.append(str(e))
-            continue
+    for ref, doc in list_tags(store, rep.errors):
         rep.tags += 1
         tagged.add(doc["image"])
         if doc["image"] not in indexes:

@@ -84,14 +84,19 @@ def remove_tag(store: BlobStore, ref: Ref) -> None:
     store.delete(ref.key)
 
 
-def list_tags(store: BlobStore) -> Iterator[tuple[Ref, dict[str, Any]]]:
+def list_tags(store: BlobStore, errors: list[str] | None = None) -> Iterator[tuple[Ref, dict[str, Any]]]:
+    """Every readable tag. A corrupt one is skipped; its message goes to errors when given (gc
+    and fsck must not take a corrupt tag for no tag)."""
     for info in store.list("tags/"):
         name, _, tag = info.key[len("tags/"):].rpartition("/")
         try:
             ref = Ref(name, tag)
             yield ref, read_tag(store, ref)
-        except (ImageNotFound, InvalidReference):
+        except ImageNotFound:  # removed since it was listed
             continue
+        except InvalidReference as e:
+            if errors is not None:
+                errors.append(str(e))
 
 
 def resolve(store: BlobStore, text: str) -> Digest:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import threading
 from pathlib import Path
 
 from runner.errors import MountError
@@ -95,30 +94,11 @@ def is_mounted(path: Path) -> bool:
     return str(path) in mount_points()
 
 
-PROBE_PREFIX = ".coldstart-probe-"  # as imagefs.fs.trace.PROBE_PREFIX (left out of access traces)
-
-
 def mount_healthy(path: Path, timeout: float = 5.0) -> bool:
     """Mounted and answering. A FUSE mount whose daemon died answers ENOTCONN, but only to the
-    requests that reach it: the kernel still answers a stat of its root from the attributes it
-    holds, so a name never asked for before is looked up too (ENOENT is the healthy answer). A
-    mount that does not answer within timeout is not healthy either."""
-    if not is_mounted(path):
-        return False
-    answers: list[bool] = []
+    requests that reach it (the kernel still answers a stat of its root from the attributes it
+    holds): imagefs.fs.mounts.probe_answer looks up a name never asked for. A mount that does not
+    answer within timeout is not healthy either."""
+    from imagefs.fs.mounts import probe_answer  # the runner's lower mounts are coldstart's
 
-    def probe() -> None:
-        try:
-            os.stat(path)
-            os.stat(path / f"{PROBE_PREFIX}{os.urandom(8).hex()}")
-        except FileNotFoundError:
-            pass
-        except OSError:
-            answers.append(False)
-            return
-        answers.append(True)
-
-    thread = threading.Thread(target=probe, daemon=True, name="mount-probe")
-    thread.start()
-    thread.join(timeout)
-    return answers == [True]
+    return is_mounted(path) and probe_answer(path, timeout) == 0

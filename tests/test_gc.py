@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from imagefs import chunks as blobs
-from imagefs import gc as gcmod
+from imagefs import leases
 from imagefs.errors import StoreError
 from imagefs.gc import GcDeferred, fsck, gc, import_lease, lease
 from imagefs.images import parse_ref, set_tag
@@ -84,19 +84,19 @@ def _age(store, key, seconds):
 
 
 def test_stale_lease_of_dead_process_is_ignored(store):
-    doc = gcmod._lease_doc("import")
+    doc = leases._lease_doc("import")
     doc["pid"] = 2 ** 22 + 12345  # no such process
     store.put("leases/import-dead", json.dumps(doc).encode())
-    assert gcmod.live_leases(store, "import") == []
-    doc = gcmod._lease_doc("import")
+    assert leases.live_leases(store, "import") == []
+    doc = leases._lease_doc("import")
     doc["pid_start"] = "1"  # this pid, but a process started at another time: the pid was reused
     store.put("leases/import-reused", json.dumps(doc).encode())
-    assert gcmod.live_leases(store, "import") == []
-    doc = gcmod._lease_doc("import")
+    assert leases.live_leases(store, "import") == []
+    doc = leases._lease_doc("import")
     doc["host"] = "elsewhere"
     store.put("leases/import-old", json.dumps(doc).encode())
-    _age(store, "leases/import-old", 10 * gcmod.LEASE_TIMEOUT)
-    assert gcmod.live_leases(store, "import") == []
+    _age(store, "leases/import-old", 10 * leases.LEASE_TIMEOUT)
+    assert leases.live_leases(store, "import") == []
     gc(store, grace=0)
     assert [i.key for i in store.list("leases/")] == []  # gc removed the stale ones
 
@@ -105,14 +105,14 @@ def test_liveness_never_compares_the_hosts_clocks(store):
     """Another host whose clock is far behind: its fresh lease is live (the store's stamp is what
     counts, against the stamp of the reader's own lease). This host's stopped or slow process:
     live as long as it exists, however old its lease."""
-    doc = gcmod._lease_doc("import")
+    doc = leases._lease_doc("import")
     doc["host"], doc["heartbeat"], doc["started"] = "elsewhere", 1.0, 1.0
     store.put("leases/import-skewed", json.dumps(doc).encode())
     with lease(store, "gc") as key:
-        assert [d["host"] for d in gcmod.live_leases(store, "import", key)] == ["elsewhere"]
+        assert [d["host"] for d in leases.live_leases(store, "import", key)] == ["elsewhere"]
     store.delete("leases/import-skewed")
-    store.put("leases/import-stopped", json.dumps(gcmod._lease_doc("import")).encode())
-    _age(store, "leases/import-stopped", 10 * gcmod.LEASE_TIMEOUT)
+    store.put("leases/import-stopped", json.dumps(leases._lease_doc("import")).encode())
+    _age(store, "leases/import-stopped", 10 * leases.LEASE_TIMEOUT)
     with pytest.raises(GcDeferred):
         gc(store, grace=0)
 
@@ -121,17 +121,27 @@ def test_gc_keeps_the_image_of_a_mount_after_its_tag_moved(store, rich_tree):
     old = _image(store, rich_tree, "app:1")
     (rich_tree / "home/new.bin").write_bytes(os.urandom(100_000))
     new = _image(store, rich_tree, "app:1")  # a re-import: app:1 moved on, a container runs the old
-    held = gcmod.MountLease(store, old)
-    held.start()
-    deadline = time.monotonic() + 10
-    while not list(store.list("leases/mount-")) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    held = leases.MountLease(store, old)
+    assert held.take() and len(list(store.list("leases/mount-"))) == 1
+    held.refresh()
     rep = gc(store, grace=0)
     assert rep.deleted_indexes == [] and store.exists(blobs.index_key(old))
     held.release()
     assert list(store.list("leases/")) == []
     assert gc(store, grace=0).deleted_indexes == [old] and store.exists(blobs.index_key(new))
     assert fsck(store, verify_chunks=True).errors == []
+
+
+def test_a_mount_lease_released_while_it_is_written_is_removed(store):
+    held = leases.MountLease(store, "a" * 64)
+    put = store.put
+
+    def slow_put(key, data):  # the daemon stops while the lease is on its way to the store
+        held.release()
+        put(key, data)
+    store.put = slow_put
+    assert not held.take()
+    assert list(store.list("leases/")) == []
 
 
 def test_a_corrupt_tag_stops_gc_and_fsck_reports_it(store, rich_tree):

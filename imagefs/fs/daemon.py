@@ -33,7 +33,7 @@ from imagefs.fs.fuse_ops import FuseOps, default_poll_us, mount_options, set_pol
 from imagefs.fs.model import ImageFS, ReadaheadPolicy
 from imagefs.fs.mounts import detach, mount_device
 from imagefs.fs.trace import DEFAULT_LIMIT, NAME_KINDS, AccessTrace
-from imagefs.gc import MountLease
+from imagefs.leases import HEARTBEAT, MountLease
 from imagefs.guess import DEFAULT_BUDGET as DEFAULT_GUESS_BUDGET, DEFAULT_PATH as DEFAULT_GUESS_PATH
 from imagefs.guess import guess as guess_startup
 from imagefs.indexcache import load_index
@@ -44,10 +44,10 @@ log = logging.getLogger(__name__)
 Ready = Callable[[dict[str, Any]], None]
 
 
-# The mount's lease on its image (imagefs.gc.MountLease: gc keeps the image while the mount lives)
-# is written this long after the mount is ready: writing to the store (for S3, the first write
-# loads boto3) must not take CPU from the container's start. gc deletes nothing younger than its
-# grace period, and an image unused for longer is what a lease-less window could lose.
+# The mount's lease on its image (imagefs.leases.MountLease: gc keeps the image while the mount
+# lives) is written this long after the mount is ready, so that the store request does not take
+# a CPU from the container's start. A gc in that window can lose only an image whose tag was
+# removed (or moved) and whose chunks are older than gc's grace period.
 LEASE_DELAY_S = 5.0
 
 
@@ -186,9 +186,9 @@ class Daemon:
         finally:
             self._close_session()
             self._remove_state()
+            self._save_learned()  # on the host's disk: before the lease's store request
             self._lease.release()
             self.store.close()
-            self._save_learned()
             if self._exit_timer is not None:
                 self._exit_timer.cancel()
 
@@ -266,8 +266,17 @@ class Daemon:
         self.startup.mark("ready")
         log.info("start-up (ms): %s", self.startup)
         self._start_prefetch(nursery)
-        self._lease.start(delay=self.config.lease_delay_s)
+        nursery.start_soon(self._hold_lease, name="lease")
         log.info("serving image %s at %s", self.config.image_id, self.config.mountpoint)
+
+    async def _hold_lease(self) -> None:
+        """Take the mount's lease on its image lease_delay_s after ready, then keep it fresh; run()
+        releases it at the end."""
+        await trio.sleep(self.config.lease_delay_s)
+        if await trio.to_thread.run_sync(self._lease.take, abandon_on_cancel=True):
+            while True:
+                await trio.sleep(HEARTBEAT)
+                await trio.to_thread.run_sync(self._lease.refresh, abandon_on_cancel=True)
 
     def _start_prefetch(self, nursery: trio.Nursery) -> None:
         """The recorded profile, else what this host learned, else a guess from the command."""

@@ -18,16 +18,15 @@ from imagefs.fs.errors import (AccessDenied, BadHandle, FSError, IsADirectory, N
                                NotADirectory, NotASymlink, ReadOnly)
 from imagefs.fs.trace import PROBE_PREFIX, AccessTrace
 from imagefs.index import ImageIndex, Inode
+from imagefs.tree import NAME_MAX
 
 BLOCK_SIZE = 4096
 IO_BLOCK_SIZE = 128 * 1024  # st_blksize: a hint to readers to ask for big pieces
-NAME_MAX = 255
 PUSH_MAX = 256 * 1024  # files up to this size may be handed to the kernel whole when first opened
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
 Data = bytes | memoryview | bytearray
-
 
 
 class ChunkSource(Protocol):

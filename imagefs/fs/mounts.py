@@ -225,21 +225,31 @@ def _clear_stale(mp: str, paths: MountPaths) -> None:
         _remove(paths.state, paths.socket)
 
 
-def mount_is_dead(mp: str, timeout: float = 2.0) -> bool:
-    """Whether the FUSE mount at mp has lost its daemon (ENOTCONN), without hanging on a live one."""
+def probe_answer(mp: str | os.PathLike[str], timeout: float) -> int | None:
+    """How the filesystem at mp answers a lookup of a name never asked for before (so that the
+    kernel cannot answer from its caches, and a FUSE mount's daemon is asked): 0 (found, or
+    ENOENT: it answers), the errno (ENOTCONN: its daemon died), or None (no answer within timeout;
+    the lookup is left in a thread of its own)."""
     result: list[int] = []
 
-    def probe() -> None:  # a name never looked up, so the kernel has to ask the daemon
+    def probe() -> None:
         try:
             os.stat(os.path.join(mp, f"{PROBE_PREFIX.decode()}{os.urandom(8).hex()}"))
             result.append(0)
+        except FileNotFoundError:
+            result.append(0)
         except OSError as e:
-            result.append(e.errno or 0)
+            result.append(e.errno or errno.EIO)
 
     thread = threading.Thread(target=probe, daemon=True, name="mount-probe")
     thread.start()
     thread.join(timeout)
-    return bool(result) and result[0] in (errno.ENOTCONN, errno.ECONNABORTED)
+    return result[0] if result else None
+
+
+def mount_is_dead(mp: str, timeout: float = 2.0) -> bool:
+    """Whether the FUSE mount at mp has lost its daemon (ENOTCONN), without hanging on a live one."""
+    return probe_answer(mp, timeout) in (errno.ENOTCONN, errno.ECONNABORTED)
 
 
 def _spawn(config: Launch, timeout: float, mode: str) -> dict[str, Any]:

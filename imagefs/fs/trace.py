@@ -31,8 +31,8 @@ LIST = "list"  # inode: the directory listed
 NAME_KINDS = frozenset({LOOKUP, LIST})
 
 
-# Names looked up only to see whether a mount answers (imagefs.fs.mounts.mount_is_dead,
-# runner.mounts.mount_healthy), random after the prefix so the kernel never has them cached:
+# Names looked up only to see whether a mount answers (imagefs.fs.mounts.probe_answer),
+# random after the prefix so the kernel never has them cached:
 # the model leaves them out of the trace.
 PROBE_PREFIX = b".coldstart-probe-"
 

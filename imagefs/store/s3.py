@@ -1,10 +1,12 @@
 """S3 backend for AWS and for local S3 servers (SeaweedFS, MinIO, ...).
 
 Objects live under ``<prefix>/<key>`` in one bucket, addressed path-style. Reads (get, get_range,
-exists) take the lean path of imagefs.store.s3fast: signed requests over keep-alive http.client
-connections, no boto3. Writes, deletes and listings (imports, gc) use boto3, imported only when
-one of them is first called, so a read-only process (the mount daemon, the runner's resolver)
-never imports it. Both paths sign with the same credentials and region.
+exists), deletes and the PUT of a small document (up to LEAN_PUT_MAX: leases, tags) take the lean
+path of imagefs.store.s3fast: signed requests over keep-alive http.client connections, no boto3.
+Bigger writes (chunks, indexes), bucket creation and listings (imports, gc) use boto3, imported
+only when one of them is first called, so a process that only reads and keeps a lease (the mount
+daemon, the runner's resolver) never imports it. Both paths sign with the same credentials and
+region.
 
 The bucket is created lazily, on the first put of each S3Store: a HEAD of the bucket, and
 CreateBucket if that says 404 (a put that is still answered NoSuchBucket creates it once more and
@@ -159,13 +161,13 @@ class S3Store(BlobStore):
         validate_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    # -- reads: the lean path ------------------------------------------------------------------
-    def _read(self, method: str, key: str, what: str, headers: dict[str, str] | None = None,
+    # -- the lean path: reads, deletes, small writes -------------------------------------------
+    def _request(self, method: str, key: str, what: str, headers: dict[str, str] | None = None,
               body: bytes | None = None) -> Response:
         return self._http.request(method, f"/{self.bucket}/{self._full(key)}", what, headers, body)
 
     def get(self, key: str) -> bytes:
-        resp = self._read("GET", key, f"get {key}")
+        resp = self._request("GET", key, f"get {key}")
         if resp.status == 404:
             raise BlobNotFound(key)
         if resp.status != 200:
@@ -180,7 +182,7 @@ class S3Store(BlobStore):
                 raise BlobNotFound(key)
             return b""
         what = f"get_range {key}"
-        resp = self._read("GET", key, what, {"Range": f"bytes={offset}-{offset + length - 1}"})
+        resp = self._request("GET", key, what, {"Range": f"bytes={offset}-{offset + length - 1}"})
         if resp.status == 404:
             raise BlobNotFound(key)
         if resp.status == 416:  # offset at or past the end: a short (empty) read
@@ -192,14 +194,14 @@ class S3Store(BlobStore):
         return resp.body
 
     def exists(self, key: str) -> bool:
-        resp = self._read("HEAD", key, f"exists {key}")
+        resp = self._request("HEAD", key, f"exists {key}")
         if resp.status == 404:
             return False
         if resp.status != 200:
             raise response_error(f"exists {key}", resp)
         return True
 
-    # -- writes, deletes, listings: boto3 ------------------------------------------------------
+    # -- writes (big ones through boto3), deletes, listings ------------------------------------
     @property
     def _client(self) -> Any:
         with self._client_lock:
@@ -249,7 +251,7 @@ class S3Store(BlobStore):
     def _lean_put(self, key: str, data: bytes) -> bool:
         """PUT over the lean client (no boto3: a mount's lease costs its daemon no import of it);
         False where the bucket is missing, which the boto3 path then creates."""
-        resp = self._read("PUT", key, f"put {key}", body=data)
+        resp = self._request("PUT", key, f"put {key}", body=data)
         if resp.status == 200:
             return True
         if resp.status == 404:
@@ -281,7 +283,7 @@ class S3Store(BlobStore):
                 raise
 
     def delete(self, key: str) -> None:
-        resp = self._read("DELETE", key, f"delete {key}")
+        resp = self._request("DELETE", key, f"delete {key}")
         if resp.status not in (200, 204, 404):  # deleting what is not there is no error
             raise response_error(f"delete {key}", resp)
 

@@ -1,4 +1,5 @@
-"""The lean S3 read path: signed GET and HEAD over a bounded pool of keep-alive connections.
+"""The lean S3 path: signed GET, HEAD, DELETE and small PUTs over a bounded pool of keep-alive
+connections.
 
 boto3 costs a read-only process ~0.5 s to import and set up and ~2.6 ms of CPU per GET; this
 path needs only the standard library (http.client, hmac, hashlib) and a small fraction of that
