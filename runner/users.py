@@ -1,15 +1,14 @@
 """Resolve a user spec ("uid[:gid]" or names) against the image's /etc/passwd and /etc/group."""
 from __future__ import annotations
 
-import errno
 import io
 import os
 import re
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from imagefs.regular import NotRegularFile, open_regular
 from runner.errors import ImageError, UserNotFound
 
 _MAX_LINKS = 40
@@ -64,41 +63,12 @@ def secure_join(root: Path, path: str) -> Path:
     return root.joinpath(*resolved)
 
 
-class _NotRegular(OSError):
-    """The path exists but is a FIFO, socket, device or directory."""
-
-
-def _open_regular(path: Path, flags: int) -> int:
-    """Open path (already resolved: no symlink is followed) without blocking on a FIFO or device;
-    OSError unless it is a regular file."""
-    try:
-        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:  # a FIFO without a reader (or a socket), opened for writing
-            raise _NotRegular(errno.ENXIO, _not_regular(os.lstat(path).st_mode)) from None
-        raise
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise _NotRegular(errno.EINVAL, _not_regular(mode))
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _not_regular(mode: int) -> str:
-    kinds = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory",
-             stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
-    return f"{kinds.get(stat.S_IFMT(mode), 'special')}, not a regular file"
-
-
 def _read_db(rootfs: Path, name: str) -> bytes:
     """The image's /etc/<name> (empty when missing). ImageError when it is too large, or is not a
     regular file: runc reads it too while it creates the container, and would block on a FIFO."""
     try:
-        fd = _open_regular(secure_join(rootfs, f"/etc/{name}"), os.O_RDONLY)
-    except _NotRegular as exc:
+        fd = open_regular(secure_join(rootfs, f"/etc/{name}"), follow=False)  # resolved in the root
+    except NotRegularFile as exc:
         raise ImageError(f"the image's /etc/{name} is {exc.strerror}: refusing to use it") from None
     except OSError:
         return b""
@@ -167,7 +137,7 @@ def write_in_root(root: Path, path: str, text: str) -> str | None:
     try:
         target = secure_join(root, path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd = _open_regular(target, os.O_WRONLY | os.O_CREAT)
+        fd = open_regular(target, os.O_WRONLY | os.O_CREAT, follow=False)
     except OSError as exc:
         return exc.strerror or str(exc)
     with os.fdopen(fd, "w") as f:

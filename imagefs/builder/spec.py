@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from imagefs.chunks import digest_of
 from imagefs.errors import ImageFSError
+from imagefs.regular import kind_of
 
 SUPPORTED_PYTHON = {"bookworm": "3.11"}
 SLIM_PACKAGES = ("python3", "python3-pip", "python3-venv", "ca-certificates")
@@ -176,20 +177,12 @@ def ignored(rel: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatch(rel, p) or any(fnmatch.fnmatch(x, p) for x in parts) for p in patterns)
 
 
-_SPECIAL_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-
-
-def _special_kind(mode: int) -> str:
-    """What a file that is not a regular file, directory or symlink is ("" for those three)."""
-    return next((name for test, name in _SPECIAL_KINDS if test(mode)), "")
-
-
 def _refuse_special(path: Path, what: str) -> None:
     """SpecError for a FIFO, socket or device, found by lstat alone: reading one could block forever."""
-    kind = _special_kind(path.lstat().st_mode)
-    if kind:
-        raise SpecError(f"{what}: {path} is {kind}; only regular files, directories and symlinks can be copied")
+    mode = path.lstat().st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+        raise SpecError(f"{what}: {path} is {kind_of(mode)}; only regular files, directories and symlinks "
+                        "can be copied")
 
 
 def local_files(step: Step) -> list[tuple[str, Path]]:

@@ -10,7 +10,6 @@ import os
 import platform
 import re
 import shutil
-import stat
 import subprocess
 import tarfile
 import time
@@ -20,6 +19,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 from imagefs.errors import InvalidSource
 from imagefs.importers.spool import Expect, check_digest, hasher, spool
+from imagefs.regular import NotRegularFile, open_regular
 
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
 MAX_JSON = 64 << 20
@@ -144,25 +144,16 @@ class OciLayout:
 
 
 def _open_regular(path: str, what: str) -> BinaryIO:
-    """The blob at path opened for reading; InvalidSource when it is missing or not a regular file.
-
-    Checked before opening, so a fifo or a device is never opened, and again on the open file, so
-    one swapped in between cannot block the open (O_NONBLOCK) or be read.
-    """
+    """The blob at path opened for reading; InvalidSource when it is missing or not a regular file
+    (a FIFO or a device is never waited on: imagefs.regular)."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise InvalidSource(f"{what}: blob in the layout is not a regular file")
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return os.fdopen(open_regular(path), "rb")
+    except NotRegularFile as e:
+        raise InvalidSource(f"{what}: blob in the layout is {e.strerror}") from None
     except (FileNotFoundError, NotADirectoryError):
         raise InvalidSource(f"{what}: blob missing from the layout") from None
     except OSError as e:
         raise InvalidSource(f"{what}: cannot read: {e.strerror}") from None
-    f = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        f.close()
-        raise InvalidSource(f"{what}: blob in the layout is not a regular file")
-    os.set_blocking(fd, True)
-    return f
 
 
 def _check_bytes(data: bytes, desc: dict[str, Any], what: str) -> None:
