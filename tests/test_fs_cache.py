@@ -278,6 +278,20 @@ def test_a_file_kept_open_and_changed_in_place_is_not_served(tmp_path: Path) -> 
     assert cache.get(d, len(data)) is None and cache.counters.corrupt_dropped == 1
 
 
+@pytest.mark.timeout(30)  # the bug this guards against is an open() that never returns
+def test_a_fifo_in_the_cache_is_dropped_not_waited_on(tmp_path: Path) -> None:
+    cache = HostCache(tmp_path, 10 << 20)
+    d, data = chunk(9)
+    cache.path(d).parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(cache.path(d))
+    assert cache.get(d, len(data)) is None and not cache.path(d).exists()
+    os.mkfifo(cache.path(d))
+    assert not cache.verify(d, len(data)) and not cache.path(d).exists()
+    assert cache.counters.corrupt_dropped == 2
+    cache.put(d, data)
+    assert cache.get(d, len(data)) == data
+
+
 def test_files_already_there_are_counted_once_and_found(tmp_path: Path) -> None:
     """Opening a cache counts the bytes of the files it holds once (a write after it adds its
     own), and count_present answers from the chunks found then."""

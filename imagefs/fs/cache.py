@@ -32,6 +32,7 @@ import blake3
 
 from imagefs.chunks import Content, Digest, is_digest
 from imagefs.errors import ImageFSError
+from imagefs.regular import NotRegularFile, open_regular
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +137,8 @@ class HostCache:
     def get(self, digest: Digest, size: int) -> bytes | None:
         """The verified content, or None (missing, or found corrupt and dropped)."""
         path = self.path(digest)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            self._count(misses=1)
+        fd = self._open_file(path, digest, size)
+        if fd is None:
             return None
         try:
             data = os.pread(fd, size + 1, 0)
@@ -156,10 +155,8 @@ class HostCache:
     def verify(self, digest: Digest, size: int) -> bool:
         """Check a file in place (no copy): True if it is present and right; a bad file is dropped."""
         path = self.path(digest)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            self._count(misses=1)
+        fd = self._open_file(path, digest, size)
+        if fd is None:
             return False
         try:
             got = os.fstat(fd).st_size
@@ -171,6 +168,17 @@ class HostCache:
         if not ok:
             self._drop_corrupt(path, digest, got, size)
         return ok
+
+    def _open_file(self, path: Path, digest: str, size: int) -> int | None:
+        """A descriptor of a chunk's file, or None (a miss: missing, or not a regular file, which is
+        dropped; a FIFO put there is never waited on)."""
+        try:
+            return open_regular(path)
+        except FileNotFoundError:
+            self._count(misses=1)
+        except NotRegularFile:
+            self._drop_corrupt(path, digest, 0, size)
+        return None
 
     def _accept(self, fd: int, digest: str) -> None:
         """A file just verified: count the hit, refresh its recency, remember which file it was."""
@@ -242,7 +250,7 @@ class HostCache:
     def _open_verified(self, digest: str) -> int | None:
         """An fd of the very file this process verified (not a later one under its name)."""
         try:
-            fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_regular(self.path(digest))
         except OSError:
             self._verified.pop(digest, None)  # evicted: the next load verifies the new file
             return None
