@@ -67,9 +67,24 @@ def terminal(rows: list[dict[str, Any]]) -> None:
         t.add_column(col, justify="left" if col in ("workload", "mode") else "right", no_wrap=True)
     for r in rows:
         t.add_row(r["workload"], r["mode"], _f(r["median_s"]), _f(r["p90_s"]), _f(r["vs_native"], "x"),
-                  _mb(r["bytes_fetched"]), "-" if not r["fetches"] else f"{r['fetches']:.0f}",
+                  _mb(r["bytes_fetched"]), f"{r['fetches']:.0f}" if _present(r["fetches"]) and r["fetches"] else "-",
                   f"{r['runs'] - r['failed']}/{r['runs']}")
     Console().print(t)
+
+
+def _present(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not math.isnan(value)
+
+
+def _phase_span(phases: dict[str, Any], phase: str) -> float:
+    """How long a run spent in phase: from the last earlier phase it reached (0 if none) to this
+    one; 0 for a phase it did not reach (or a mode does not have: NaN or missing)."""
+    end = phases.get(phase)
+    if not _present(end):
+        return 0.0
+    earlier = [phases.get(p) for p in PHASES[:PHASES.index(phase)]]
+    start = next((v for v in reversed(earlier) if _present(v)), 0.0)
+    return max(0.0, end - start)
 
 
 def plots(rows: list[dict[str, Any]], sizes: dict[str, int], out: Path) -> list[Path]:
@@ -85,9 +100,7 @@ def plots(rows: list[dict[str, Any]], sizes: dict[str, int], out: Path) -> list[
         sub = [r for r in rows if r["workload"] == wl]
         bottoms = [0.0] * len(sub)
         for phase in PHASES:
-            prev = PHASES[PHASES.index(phase) - 1] if phase != "pull" else None
-            heights = [max(0.0, (r["phases"].get(phase) or 0) - ((r["phases"].get(prev) or 0) if prev else 0))
-                       if not math.isnan(r["phases"].get(phase) or float("nan")) else 0 for r in sub]
+            heights = [_phase_span(r["phases"], phase) for r in sub]
             ax.bar([r["mode"] for r in sub], heights, bottom=bottoms, label=phase)
             bottoms = [b + h for b, h in zip(bottoms, heights)]
         ax.set_title(wl)

@@ -134,6 +134,8 @@ def run_suite(plan: Plan) -> dict[str, Any]:
     plan.workloads = [w for w in plan.workloads if not w.gpu or gpus]
     skipped = [] if gpus else ["gpu (no NVIDIA GPU on this host)"]
     skipped += _drop_unavailable_modes(plan)
+    if not plan.workloads or not plan.modes:
+        raise SystemExit(f"bench: nothing to run here ({'; '.join(skipped) or 'no workload or mode'})")
     ids = build_images(plan)
     work = Path("/var/tmp/coldstart-bench-run")
     work.mkdir(parents=True, exist_ok=True)
@@ -265,5 +267,5 @@ def _versions() -> dict[str, str]:
 def plan_from(suite: str, workloads: list[str] | None, modes_: list[str] | None, repeat: int | None,
               network: str, out: Path, store: str | None) -> Plan:
     names, mode_list, reps = SUITES[suite]
-    return Plan([WORKLOADS[n] for n in (workloads or names)], modes_ or mode_list, repeat or reps,
-                network, out, store)
+    return Plan([WORKLOADS[n] for n in (workloads or names)], modes_ or mode_list,
+                reps if repeat is None else repeat, network, out, store)

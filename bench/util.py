@@ -90,5 +90,16 @@ def _first_line(cmd: list[str]) -> str:
 
 
 def write_json(path: Path, doc: Any) -> None:
+    """doc as strict JSON: a NaN (a phase a run did not reach, a median of no runs) is null."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+    path.write_text(json.dumps(_nulls(doc), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
+
+
+def _nulls(doc: Any) -> Any:
+    if isinstance(doc, float) and (doc != doc or doc in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(doc, dict):
+        return {k: _nulls(v) for k, v in doc.items()}
+    if isinstance(doc, (list, tuple)):
+        return [_nulls(v) for v in doc]
+    return doc

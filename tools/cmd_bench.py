@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from bench.workloads import SUITES, WORKLOADS
+from tools.common import positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -15,9 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="(repeatable)")
     p.add_argument("--store", metavar="URL", help="benchmark store (default: a SeaweedFS S3 server it starts)")
     p.add_argument("--network", choices=["loopback", "zonal", "regional"], default="loopback")
-    p.add_argument("--repeat", type=int)
+    p.add_argument("--repeat", type=positive_int)
     p.add_argument("--out", type=Path, default=Path("bench-out"))
-    p.add_argument("--prefetch-workers", type=int, help="parallel prefetch fetches per mount (default: the fetcher's)")
+    p.add_argument("--prefetch-workers", type=positive_int, help="parallel prefetch fetches per mount (default: the fetcher's)")
     p.set_defaults(func=cmd_bench)
 
 

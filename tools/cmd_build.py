@@ -10,6 +10,7 @@ from typing import Any
 from imagefs import images
 from imagefs.builder.build import Builder, BuildOptions, StepEvent
 from imagefs.builder.load import load_spec
+from imagefs.builder.spec import SpecError
 from imagefs.gc import import_lease
 from tools.common import add_json_arg, add_store_arg, emit, human_bytes, store_from
 
@@ -68,7 +69,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     specs = load_spec(args.spec)
     tags = _tags(sorted(specs), args.tag)
     if args.ca_bundle is not None and not args.ca_bundle.is_file():
-        raise FileNotFoundError(f"--ca-bundle {args.ca_bundle} does not exist")
+        raise SpecError(f"--ca-bundle {args.ca_bundle} does not exist or is not a file")
     store = store_from(args)
     executor = _executor(args)
     opts = BuildOptions(force=args.force, ca_bundle=args.ca_bundle, on_event=_printer(args), log=_log(args))

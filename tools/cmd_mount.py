@@ -7,9 +7,8 @@ import sys
 from typing import Any
 
 from imagefs.fs import mounts
-from imagefs.fs.cache import parse_size
 from imagefs.fs.errors import MountError
-from tools.common import add_json_arg, add_store_arg, emit, human_bytes
+from tools.common import add_json_arg, add_store_arg, emit, human_bytes, size_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -20,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--cache", metavar="DIR",
                    help="host chunk cache (default: $COLDSTART_CACHE, else /var/cache/coldstart "
                         "for root, else ~/.cache/coldstart)")
-    p.add_argument("--cache-size", metavar="SIZE", type=parse_size,
+    p.add_argument("--cache-size", metavar="SIZE", type=size_arg,
                    help="host cache budget, e.g. 20G (default 10G)")
     p.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")
     p.add_argument("--prefetch", action="store_true",

@@ -55,7 +55,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     digest = images.tag_profile(store, args.ref)
     if not digest:
         images.read_tag(store, images.parse_ref(args.ref))  # a clear error if the tag is missing
-        print(f"{args.ref} has no profile")
+        emit(args, {"ref": args.ref, "profile": None}, lambda: print(f"{args.ref} has no profile"))
         return 1
     prof = profiles.load(store, digest)
     doc = {**summary(prof, digest), "chunk_list": prof.chunks}

@@ -54,3 +54,25 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number > 0 (a usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {value}")
+    return value
+
+
+def size_arg(text: str) -> int:
+    """An argparse type: a size such as 512M or 10G (a usage error otherwise)."""
+    from imagefs.fs.cache import parse_size
+    from imagefs.errors import ImageFSError
+
+    try:
+        return parse_size(text)
+    except ImageFSError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
