@@ -6,6 +6,7 @@ Extents are (chunk number, offset in chunk, length) in file order; chunk numbers
 from __future__ import annotations
 
 import bisect
+import functools
 import gc
 import stat
 from dataclasses import dataclass, field
@@ -107,6 +108,11 @@ class ImageIndex:
 
     def inode(self, ino: int) -> Inode:
         return self.inodes[ino - 1]
+
+    @functools.cached_property
+    def size_of(self) -> dict[str, int]:
+        """Each chunk's raw size by digest (built once; the index never changes once loaded)."""
+        return dict(zip(self.chunks, self.chunk_sizes))
 
     def lookup(self, parent: int, name: bytes) -> int | None:
         return self.children.get(parent, {}).get(name)

@@ -261,10 +261,6 @@ def load(store: BlobStore, digest: str) -> Profile:
         raise ProfileNotFound(f"profile {digest} is missing from the store") from None
 
 
-def _chunk_sizes(index: ImageIndex) -> dict[str, int]:
-    return dict(zip(index.chunks, index.chunk_sizes))
-
-
 PackPart = tuple[Digest, int, int, int]  # (chunk digest, offset in the chunk, length, offset in the segment)
 
 
@@ -273,7 +269,7 @@ def pack_to_prefetch(profile: Profile, index: ImageIndex,
     """(segment digest, size, parts) of the pack, each part placed in its segment; parts of
     chunks this image does not have (or beyond their end) are dropped with one warning, and
     segments left with no part."""
-    known = _chunk_sizes(index)
+    known = index.size_of
     out: list[tuple[Digest, int, list[PackPart]]] = []
     dropped = 0
     for seg in profile.pack:
@@ -295,7 +291,7 @@ def pack_to_prefetch(profile: Profile, index: ImageIndex,
 
 def chunks_to_prefetch(profile: Profile, index: ImageIndex, image_id: str) -> list[tuple[Digest, int]]:
     """The profile's chunks that this image has; others are dropped with one warning."""
-    known = _chunk_sizes(index)
+    known = index.size_of
     keep = [(Digest(d), known[d]) for d, _ in profile.chunks if d in known]
     if len(keep) < len(profile.chunks):
         log.warning("profile names %d chunks that image %s does not have; ignoring them",

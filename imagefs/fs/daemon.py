@@ -162,7 +162,6 @@ class Daemon:
         self._device: str | None = None  # 'major:minor' of the mount, once mounted
         self._session_open = False
         self._exit_timer: threading.Timer | None = None
-        self._sizes: dict[str, int] | None = None  # chunk sizes by digest, for prefetch requests
         self.polling_us = 0  # what _start_polling turned on
         self.startup.mark("model")
 
@@ -475,7 +474,7 @@ class Daemon:
         this image with its size in the index (a digest names a host-cache file)."""
         if not isinstance(entries, list):
             raise ValueError("chunks must be a list of [digest, size] pairs")
-        sizes = self._chunk_sizes()
+        sizes = self.index.size_of
         chunks = []
         for entry in entries:
             digest, size = entry if isinstance(entry, list) and len(entry) == 2 else (None, None)
@@ -483,11 +482,6 @@ class Daemon:
                 raise ValueError(f"not a chunk of image {self.config.image_id[:12]}: {str(entry)[:100]}")
             chunks.append((Digest(digest), sizes[digest]))
         return chunks
-
-    def _chunk_sizes(self) -> dict[str, int]:
-        if self._sizes is None:
-            self._sizes = dict(zip(self.index.chunks, self.index.chunk_sizes))
-        return self._sizes
 
     def stats(self) -> dict[str, Any]:
         return {"mountpoint": self.config.mountpoint, "image": self.config.image_id,
